@@ -1,0 +1,260 @@
+"""``config.yaml`` -> a frozen, validated :class:`SalienceConfig`.
+
+Every key is optional; an unknown key, a wrong type or an out-of-range value is
+a :class:`ConfigError` (a ``ValueError``) that names the key, the value and
+what is allowed, raised before anything touches the model.
+
+Example:
+    >>> from apt_salience import load_config
+    >>> cfg = load_config({"update_frequency": 4, "kurtosis": {"excess": True}})
+    >>> cfg.update_frequency, cfg.kurtosis.excess, cfg.ema_beta
+    (4, True, 0.85)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Union
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "SalienceConfig",
+    "KurtosisConfig",
+    "SalienceModeConfig",
+    "SitesConfig",
+    "load_config",
+    "PRESET_NAMES",
+]
+
+#: Architecture presets accepted by ``architecture`` (besides ``auto`` and ``custom``).
+#: Kept in sync with :mod:`apt_salience.architectures` (checked by a test).
+PRESET_NAMES = ("bert", "roberta", "llama", "mistral", "qwen2", "t5", "gpt2", "opt", "vit")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names key, value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class KurtosisConfig:
+    """The outlier (kurtosis) term of the outlier-aware salience."""
+
+    enabled: bool = True
+    source: str = "activation"  # activation | output
+    excess: bool = False
+    combine: str = "add"  # add | scaled
+
+
+@dataclass(frozen=True)
+class SalienceModeConfig:
+    """Which per-step salience is accumulated."""
+
+    mode: str = "compressed"  # compressed | taylor | fisher
+
+
+@dataclass(frozen=True)
+class SitesConfig:
+    """Regular expressions (``re.fullmatch`` on module names) selecting the hooked sites."""
+
+    heads: Optional[str] = None
+    neurons: Optional[str] = None
+    adapters: Optional[str] = None
+    head_dim: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class SalienceConfig:
+    """The validated configuration of a :class:`~apt_salience.SalienceTracker`.
+
+    Build it with :func:`load_config`; fields mirror the keys of ``config.yaml``.
+    """
+
+    update_frequency: int = 1
+    ema_beta: float = 0.85
+    uncertainty_beta: Optional[float] = None
+    sample_every: int = 1
+    sync: str = "auto"  # auto | off
+    architecture: str = "auto"
+    salience: SalienceModeConfig = field(default_factory=SalienceModeConfig)
+    kurtosis: KurtosisConfig = field(default_factory=KurtosisConfig)
+    sites: SitesConfig = field(default_factory=SitesConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain nested dict, the same shape as ``config.yaml`` (round-trips through :func:`load_config`)."""
+        return dataclasses.asdict(self)
+
+
+_SECTIONS: Dict[str, type] = {
+    "salience": SalienceModeConfig,
+    "kurtosis": KurtosisConfig,
+    "sites": SitesConfig,
+}
+_CHOICES: Dict[str, tuple] = {
+    "sync": ("auto", "off"),
+    "architecture": ("auto", "custom") + PRESET_NAMES,
+    "salience.mode": ("compressed", "taylor", "fisher"),
+    "kurtosis.source": ("activation", "output"),
+    "kurtosis.combine": ("add", "scaled"),
+}
+
+
+def _unknown_key(key: str, valid: Any, where: str) -> ConfigError:
+    valid = sorted(valid)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(
+        f"unknown config key '{where}{key}'.{hint} Valid keys{' under ' + where.rstrip('.') if where else ''}: "
+        + ", ".join(valid)
+    )
+
+
+def _check_bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    return value
+
+
+def _check_int(key: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"config key '{key}' must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"config key '{key}' must be an integer >= {minimum}, got {value}")
+    return value
+
+
+def _check_beta(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"config key '{key}' must be a number with 0 <= {key} < 1, got {value!r}")
+    value = float(value)
+    if not (0.0 <= value < 1.0):
+        raise ConfigError(f"config key '{key}' must satisfy 0 <= {key} < 1, got {value}")
+    return value
+
+
+def _check_choice(key: str, value: Any) -> str:
+    allowed = _CHOICES[key]
+    if not isinstance(value, str) or value not in allowed:
+        close = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.5)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"config key '{key}' got {value!r}; allowed: {', '.join(allowed)}.{hint}")
+    return value
+
+
+def _check_regex(key: str, value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"config key '{key}' must be a regular expression string, got {value!r}")
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ConfigError(f"config key '{key}' is not a valid regular expression ({exc}): {value!r}") from None
+    return value
+
+
+def _validate_section(name: str, raw: Any) -> Any:
+    cls = _SECTIONS[name]
+    if raw is None:
+        return cls()
+    if isinstance(raw, cls):
+        raw = dataclasses.asdict(raw)
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config key '{name}' must be a mapping of keys to values, got {raw!r}")
+    valid = {f.name for f in dataclasses.fields(cls)}
+    out: Dict[str, Any] = {}
+    for key, value in raw.items():
+        full = f"{name}.{key}"
+        if key not in valid:
+            raise _unknown_key(str(key), valid, f"{name}.")
+        if full in _CHOICES:
+            out[key] = _check_choice(full, value)
+        elif key in ("enabled", "excess"):
+            out[key] = _check_bool(full, value)
+        elif key == "head_dim":
+            out[key] = None if value is None else _check_int(full, value, 1)
+        else:  # the site regexes
+            out[key] = _check_regex(full, value)
+    return cls(**out)
+
+
+def _validate(raw: Mapping[str, Any]) -> SalienceConfig:
+    valid = {f.name for f in dataclasses.fields(SalienceConfig)}
+    out: Dict[str, Any] = {}
+    for key, value in raw.items():
+        if not isinstance(key, str) or key not in valid:
+            raise _unknown_key(str(key), valid, "")
+        if key in _SECTIONS:
+            out[key] = _validate_section(key, value)
+        elif key in ("update_frequency", "sample_every"):
+            out[key] = _check_int(key, value, 1)
+        elif key == "ema_beta":
+            out[key] = _check_beta(key, value)
+        elif key == "uncertainty_beta":
+            out[key] = None if value is None else _check_beta(key, value)
+        else:
+            out[key] = _check_choice(key, value)
+    cfg = SalienceConfig(**out)
+    if cfg.architecture == "custom" and not (cfg.sites.heads or cfg.sites.neurons or cfg.sites.adapters):
+        raise ConfigError(
+            "config key 'architecture' is 'custom' but no sites are given: set at least one of "
+            "'sites.heads', 'sites.neurons', 'sites.adapters' (regular expressions matched against module names)"
+        )
+    if cfg.sites.heads and cfg.architecture == "custom" and cfg.sites.head_dim is None:
+        raise ConfigError(
+            "config key 'sites.head_dim' is required when 'architecture' is 'custom' and 'sites.heads' is set "
+            "(the number of input channels of the head site that make one attention head)"
+        )
+    return cfg
+
+
+ConfigLike = Union[None, str, "os.PathLike[str]", Mapping[str, Any], SalienceConfig]
+
+
+def load_config(config: ConfigLike = None) -> SalienceConfig:
+    """Return a validated :class:`SalienceConfig` from ``None`` (defaults), a YAML path, a dict or a config.
+
+    Example:
+        >>> load_config(None).kurtosis.source
+        'activation'
+        >>> load_config({"ema_beta": 1.5})
+        Traceback (most recent call last):
+        ...
+        apt_salience.config.ConfigError: config key 'ema_beta' must satisfy 0 <= ema_beta < 1, got 1.5
+    """
+    if config is None:
+        return SalienceConfig()
+    if isinstance(config, SalienceConfig):
+        return config
+    if isinstance(config, (str, os.PathLike)):
+        path = Path(config)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file '{path}': {exc.strerror or exc}") from None
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc)
+            raise ConfigError(f"malformed YAML in config file '{path}'{where}: {problem}") from None
+        if raw is None:
+            return SalienceConfig()
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"config file '{path}' must hold a mapping of keys to values, got {type(raw).__name__}")
+        try:
+            return _validate(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    if isinstance(config, Mapping):
+        return _validate(config)
+    raise ConfigError(
+        f"config must be None, a path to a YAML file, a dict or a SalienceConfig; got {type(config).__name__}"
+    )

@@ -1,0 +1,226 @@
+"""Streaming per-channel moments (n, mean, M2, M3, M4) with exact merges.
+
+A batch is reduced in float32 (or better) *after shifting by its own mean*, so the
+power sums are well conditioned even when |mean| >> std; the central moments are
+then formed and merged in float64 with the Chan / Pebay parallel formulas.
+Naive power sums (sum x, sum x^2, ...) are never used.
+
+``M_p = sum_i (x_i - mean)^p``; kurtosis (Pearson) ``= n * M4 / M2^2``.
+
+Example:
+    >>> import torch
+    >>> from apt_salience.moments import StreamingMoments
+    >>> torch.manual_seed(0) is not None
+    True
+    >>> x = torch.randn(1000, 3) + 1e4
+    >>> acc = StreamingMoments(3)
+    >>> acc.update(x[:300]); acc.update(x[300:])
+    >>> bool(((acc.kurtosis() - 3).abs() < 0.5).all())
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["Moments", "StreamingMoments", "batch_moments", "merge_moments", "pool_moments", "kurtosis_from_moments"]
+
+
+class Moments(NamedTuple):
+    """Central-moment summary; ``n`` broadcasts against the per-channel tensors."""
+
+    n: Tensor
+    mean: Tensor
+    m2: Tensor
+    m3: Tensor
+    m4: Tensor
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def batch_moments(x: Tensor, order: int = 4, out_dtype: torch.dtype = torch.float64) -> Moments:
+    """Moments of each column of ``x`` ([N, C]); ``order`` 1 fills only n and mean (the rest zero).
+
+    The reduction runs in float32 (float64 for float64 input) over ``x - mean_f32``;
+    the small residual mean is corrected exactly in ``out_dtype``.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"batch_moments expects a 2-D [tokens, channels] tensor, got shape {tuple(x.shape)}")
+    num, channels = x.shape
+    acc = _acc_dtype(x)
+    n = torch.tensor(float(num), dtype=out_dtype, device=x.device)
+    if num == 0:
+        z = torch.zeros(channels, dtype=out_dtype, device=x.device)
+        return Moments(n, z, z.clone(), z.clone(), z.clone())
+    xf = x if x.dtype == acc else x.to(acc)
+    shift = xf.mean(dim=0)
+    if order == 1:
+        # sum of (x - shift) corrects the float32 mean to float64 accuracy
+        s1 = (xf - shift).sum(dim=0).to(out_dtype)
+        mean = shift.to(out_dtype) + s1 / num
+        z = torch.zeros_like(mean)
+        return Moments(n, mean, z, z.clone(), z.clone())
+    d = xf - shift
+    s1 = d.sum(dim=0).to(out_dtype)
+    d2 = d.square()
+    s2 = d2.sum(dim=0).to(out_dtype)
+    s3 = (d2 * d).sum(dim=0).to(out_dtype)
+    s4 = d2.square_().sum(dim=0).to(out_dtype)
+    del d, d2
+    c = s1 / num  # residual offset of the true mean from the float32 shift
+    mean = shift.to(out_dtype) + c
+    m2 = (s2 - s1 * c).clamp_min(0)
+    m3 = s3 - 3 * c * s2 + 2 * num * c**3
+    m4 = (s4 - 4 * c * s3 + 6 * c * c * s2 - 3 * num * c**4).clamp_min(0)
+    return Moments(n, mean, m2, m3, m4)
+
+
+def merge_moments(a: Moments, b: Moments) -> Moments:
+    """Exact merge of two summaries of disjoint samples (Chan et al. / Pebay 2008)."""
+    n = a.n + b.n
+    safe = torch.where(n > 0, n, torch.ones_like(n))
+    na, nb = a.n, b.n
+    delta = b.mean - a.mean
+    mean = a.mean + delta * (nb / safe)
+    d2 = delta * delta
+    nanb = na * nb
+    m2 = a.m2 + b.m2 + d2 * nanb / safe
+    m3 = a.m3 + b.m3 + delta * d2 * nanb * (na - nb) / safe**2 + 3 * delta * (na * b.m2 - nb * a.m2) / safe
+    m4 = (
+        a.m4
+        + b.m4
+        + d2 * d2 * nanb * (na * na - nanb + nb * nb) / safe**3
+        + 6 * d2 * (na * na * b.m2 + nb * nb * a.m2) / safe**2
+        + 4 * delta * (na * b.m3 - nb * a.m3) / safe
+    )
+    return Moments(n, mean, m2, m3, m4)
+
+
+def pool_moments(m: Moments, group_size: int) -> Moments:
+    """Pool contiguous groups of ``group_size`` channels (same count each) into one distribution each."""
+    if group_size == 1:
+        return m
+    channels = m.mean.shape[-1]
+    if channels % group_size:
+        raise ValueError(f"cannot pool {channels} channels into groups of {group_size}")
+    shape = m.mean.shape[:-1] + (channels // group_size, group_size)
+    mean_i, m2_i, m3_i, m4_i = (t.reshape(shape) for t in (m.mean, m.m2, m.m3, m.m4))
+    n_i = m.n.unsqueeze(-1) if m.n.dim() else m.n
+    pooled_mean = mean_i.mean(dim=-1, keepdim=True)
+    d = mean_i - pooled_mean
+    d2 = d * d
+    m2 = (m2_i + n_i * d2).sum(-1)
+    m3 = (m3_i + 3 * d * m2_i + n_i * d2 * d).sum(-1)
+    m4 = (m4_i + 4 * d * m3_i + 6 * d2 * m2_i + n_i * d2 * d2).sum(-1)
+    return Moments(m.n * group_size, pooled_mean.squeeze(-1), m2, m3, m4)
+
+
+def kurtosis_from_moments(m: Moments, excess: bool = False, rel_tol: float = 1e-6) -> Tensor:
+    """Pearson kurtosis ``n * M4 / M2^2`` (``excess``: minus 3, clamped at 0).
+
+    Channels with fewer than two values or (numerically) zero variance give 0; never NaN.
+    Zero variance means ``var <= (rel_tol * |mean|)^2`` (float32 data cannot resolve less).
+    """
+    n = m.n
+    var = m.m2 / torch.where(n > 0, n, torch.ones_like(n))
+    tiny = torch.finfo(m.m2.dtype).tiny
+    degenerate = (n < 2) | (var <= (rel_tol * m.mean.abs()) ** 2 + tiny) | ~torch.isfinite(var)
+    safe_m2 = torch.where(degenerate, torch.ones_like(m.m2), m.m2)
+    k = n * m.m4 / (safe_m2 * safe_m2)
+    if excess:
+        k = (k - 3).clamp_min(0)
+    k = torch.where(degenerate | ~torch.isfinite(k), torch.zeros_like(k), k)
+    return k
+
+
+class StreamingMoments:
+    """Accumulator of per-channel moments over a stream of batches, on any device.
+
+    ``update(x)`` folds a batch in (``x`` is ``[..., C]`` or has its channel axis at
+    ``channel_dim``); ``merge(other)`` folds in another accumulator exactly;
+    ``pooled(g)`` pools contiguous groups of ``g`` channels (e.g. the d_head channels
+    of an attention head); ``kurtosis()`` reads the Pearson kurtosis.
+
+    Example:
+        >>> a, b = StreamingMoments(2), StreamingMoments(2)
+        >>> a.update(torch.tensor([[1., 2.], [3., 4.]])); b.update(torch.tensor([[5., 6.]]))
+        >>> a.merge(b); a.mean.tolist(), a.count
+        ([3.0, 4.0], 3.0)
+    """
+
+    def __init__(self, num_channels: int, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float64):
+        z = torch.zeros(num_channels, dtype=dtype, device=device)
+        self._m = Moments(torch.zeros((), dtype=dtype, device=device), z, z.clone(), z.clone(), z.clone())
+
+    @classmethod
+    def from_moments(cls, m: Moments) -> "StreamingMoments":
+        out = cls.__new__(cls)
+        out._m = m
+        return out
+
+    @property
+    def moments(self) -> Moments:
+        return self._m
+
+    @property
+    def count(self) -> float:
+        return float(self._m.n)
+
+    @property
+    def mean(self) -> Tensor:
+        return self._m.mean
+
+    @property
+    def num_channels(self) -> int:
+        return int(self._m.mean.shape[-1])
+
+    def update(self, x: Tensor, channel_dim: int = -1) -> None:
+        """Fold a batch in; every position other than ``channel_dim`` is one sample."""
+        if x.dim() == 0:
+            raise ValueError("StreamingMoments.update needs at least a 1-D tensor")
+        x2 = x.movedim(channel_dim, -1).reshape(-1, x.shape[channel_dim])
+        if x2.shape[1] != self.num_channels:
+            raise ValueError(f"batch has {x2.shape[1]} channels, accumulator has {self.num_channels}")
+        b = batch_moments(x2.to(self._m.mean.device), out_dtype=self._m.mean.dtype)
+        self._m = merge_moments(self._m, b)
+
+    def merge(self, other: "StreamingMoments") -> None:
+        """Fold in another accumulator (disjoint samples, same channels)."""
+        if other.num_channels != self.num_channels:
+            raise ValueError(f"cannot merge {other.num_channels} channels into {self.num_channels}")
+        o = Moments(*(t.to(self._m.mean.device, self._m.mean.dtype) for t in other._m))
+        self._m = merge_moments(self._m, o)
+
+    def pooled(self, group_size: int) -> "StreamingMoments":
+        """A new accumulator whose channels are contiguous groups of ``group_size`` channels."""
+        return StreamingMoments.from_moments(pool_moments(self._m, group_size))
+
+    def kurtosis(self, excess: bool = False) -> Tensor:
+        return kurtosis_from_moments(self._m, excess=excess)
+
+    def reset(self) -> None:
+        self._m = Moments(*(torch.zeros_like(t) for t in self._m))
+
+    def state_dict(self) -> Dict[str, Tensor]:
+        return {k: v.clone() for k, v in self._m._asdict().items()}
+
+    def load_state_dict(self, state: Dict[str, Tensor]) -> None:
+        missing = set(Moments._fields) - set(state)
+        if missing:
+            raise KeyError(f"moment state lacks {sorted(missing)}")
+        dev, dt = self._m.mean.device, self._m.mean.dtype
+        self._m = Moments(*(state[k].to(dev, dt).clone() for k in Moments._fields))
+
+
+def merge_all(parts: Iterable[Moments]) -> Moments:
+    """Merge an iterable of summaries left to right."""
+    it = iter(parts)
+    acc = next(it)
+    for p in it:
+        acc = merge_moments(acc, p)
+    return acc
