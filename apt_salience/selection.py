@@ -1,0 +1,742 @@
+"""Budgeted block selection (APT Eq. 13-14), the cubic sparsity schedule and the gradual mask update.
+
+:func:`select_blocks` ranks the heads, FFN neurons and hidden dimensions of a
+:class:`~apt_salience.scores.SalienceScores` reading by density (score / parameter count)
+and keeps the largest prefix whose parameter count
+
+``C(i) = d_m' * sum_layers (c_head * n_h' + c_neuron * n_f')``
+
+fits the budget (binary search over the monotone ``C``). ``c_head * d_model`` and
+``c_neuron * d_model`` are the per-block parameter counts the tracker reports (current module
+shapes; grouped-query attention and gated FFNs included), so ``C`` is ``d_m' / d_model`` times
+the summed parameter count of the kept head and neuron blocks.
+
+Allocation strategies and score calibrations live in two registries
+(:data:`ALLOCATIONS`, :data:`CALIBRATIONS`); :func:`register_allocation` and
+:func:`register_calibration` add new ones in one place.
+
+Example:
+    >>> import torch
+    >>> from apt_salience.scores import BlockScores, SalienceScores
+    >>> from apt_salience.selection import select_blocks
+    >>> mk = lambda v, pc, sites: BlockScores.build(salience=torch.tensor(v), kurtosis=torch.zeros(len(v)),
+    ...     outlier_aware=torch.tensor(v), param_count=torch.full((len(v),), pc), sites=sites)
+    >>> scores = SalienceScores(step=1, d_model=4,
+    ...     head=mk([4.0, 1.0], 32.0, [("l.0.o", 2)]), neuron=mk([1.0, 3.0, 0.1, 2.0], 8.0, [("l.0.down", 4)]),
+    ...     hidden=mk([1.0] * 4, 24.0, [("hidden", 4)]),
+    ...     meta={"layers": {"l.0.o": "l.0", "l.0.down": "l.0"}, "block_size": {"l.0.o": 2, "l.0.down": 1}})
+    >>> sel = select_blocks(scores, keep_ratio=0.5, kinds=("head", "neuron"))
+    >>> sel.head.tolist(), sel.neuron.tolist(), sel.params_kept, sel.budget
+    ([True, False], [False, True, False, True], 48.0, 48.0)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .scores import BlockScores, SalienceScores
+
+__all__ = [
+    "BlockLayout",
+    "Selection",
+    "SelectionProblem",
+    "SelectionWarning",
+    "select_blocks",
+    "cubic_keep_ratio",
+    "update_masks",
+    "ALLOCATIONS",
+    "CALIBRATIONS",
+    "register_allocation",
+    "register_calibration",
+    "PRUNABLE_KINDS",
+]
+
+#: Kinds a selection covers, in tie-break order.
+PRUNABLE_KINDS: Tuple[str, ...] = ("head", "neuron", "hidden")
+
+MasksLike = Union["Selection", Mapping[str, Tensor]]
+
+
+class SelectionWarning(UserWarning):
+    """The selection could not honour the budget exactly (e.g. forced blocks exceed it)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Which blocks a selection or mask set refers to: sites, block sizes, layers, ``d_model``.
+
+    ``sites[kind]`` lists ``(module_name, num_blocks)`` in model order (``hidden`` has the single
+    pseudo-site ``("hidden", d_model)``); ``param_count[kind]`` the per-block parameter counts.
+    """
+
+    sites: Dict[str, Tuple[Tuple[str, int], ...]]
+    block_size: Dict[str, int]
+    layers: Dict[str, str]
+    d_model: int
+    param_count: Dict[str, Tensor] = field(default_factory=dict)
+    architecture: Optional[str] = None
+
+    @classmethod
+    def from_scores(cls, scores: SalienceScores) -> "BlockLayout":
+        """The layout of a tracker reading (``scores.meta['block_size']`` and ``['layers']`` are used)."""
+        if not isinstance(scores, SalienceScores):
+            raise TypeError(f"scores must be an apt_salience SalienceScores, got {type(scores).__name__}")
+        meta = scores.meta or {}
+        bsz = {str(k): int(v) for k, v in dict(meta.get("block_size", {})).items()}
+        layers = {str(k): str(v) for k, v in dict(meta.get("layers", {})).items()}
+        sites: Dict[str, Tuple[Tuple[str, int], ...]] = {}
+        counts: Dict[str, Tensor] = {}
+        for kind in PRUNABLE_KINDS:
+            b: Optional[BlockScores] = getattr(scores, kind)
+            if b is None:
+                continue
+            sites[kind] = tuple((str(n), int(c)) for n, c in b.sites)
+            counts[kind] = b.param_count.detach().to("cpu", torch.float64).reshape(-1)
+            if kind != "hidden":
+                for name, _ in b.sites:
+                    bsz.setdefault(name, 1)
+                    layers.setdefault(name, name.rsplit(".", 1)[0] if "." in name else name)
+        d_model = int(scores.d_model) or (sum(c for _, c in sites.get("hidden", ())) if "hidden" in sites else 0)
+        return cls(sites, bsz, layers, d_model, counts, meta.get("architecture"))
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, config: Any = None) -> "BlockLayout":
+        """The layout of a model's head / neuron sites (no scores needed), e.g. to build masks by hand.
+
+        Example:
+            >>> from torch import nn
+            >>> m = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 4))
+            >>> lay = BlockLayout.from_model(m, {"architecture": "custom", "sites": {"neurons": "1"}})
+            >>> lay.sites["neuron"], lay.d_model
+            ((('1', 8),), 4)
+        """
+        from .architectures import find_sites
+        from .config import load_config
+
+        sites_, arch = find_sites(model, load_config(config))
+        sites: Dict[str, List[Tuple[str, int]]] = {}
+        counts: Dict[str, List[float]] = {}
+        for s in sites_:
+            if s.kind not in ("head", "neuron"):
+                continue
+            sites.setdefault(s.kind, []).append((s.name, s.num_blocks))
+            counts.setdefault(s.kind, []).extend([s.block_param_count] * s.num_blocks)
+        d_model = next((s.out_features for s in sites_ if s.writes_hidden), 0)
+        if d_model:
+            total = sum(s.num_blocks * s.block_param_count for s in sites_ if s.writes_hidden) / d_model
+            sites["hidden"] = [("hidden", d_model)]
+            counts["hidden"] = [total] * d_model
+        return cls(
+            {k: tuple(v) for k, v in sites.items()},
+            {s.name: s.block_size for s in sites_},
+            {s.name: s.layer for s in sites_},
+            d_model,
+            {k: torch.tensor(v, dtype=torch.float64) for k, v in counts.items()},
+            arch,
+        )
+
+    def kinds(self) -> Tuple[str, ...]:
+        """Kinds present, in order."""
+        return tuple(k for k in PRUNABLE_KINDS if k in self.sites)
+
+    def num_blocks(self, kind: str) -> int:
+        return sum(c for _, c in self.sites.get(kind, ()))
+
+    def slices(self, kind: str) -> Dict[str, slice]:
+        """``{site: slice into the kind's 1-D vectors}``."""
+        out: Dict[str, slice] = {}
+        start = 0
+        for name, count in self.sites.get(kind, ()):
+            out[name] = slice(start, start + count)
+            start += count
+        return out
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "sites": {k: [[n, c] for n, c in v] for k, v in self.sites.items()},
+            "block_size": dict(self.block_size),
+            "layers": dict(self.layers),
+            "d_model": self.d_model,
+            "param_count": {k: v.tolist() for k, v in self.param_count.items()},
+            "architecture": self.architecture,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "BlockLayout":
+        return cls(
+            {k: tuple((str(n), int(c)) for n, c in v) for k, v in d["sites"].items()},
+            {str(k): int(v) for k, v in d["block_size"].items()},
+            {str(k): str(v) for k, v in d["layers"].items()},
+            int(d["d_model"]),
+            {k: torch.tensor(v, dtype=torch.float64) for k, v in d.get("param_count", {}).items()},
+            d.get("architecture"),
+        )
+
+    def check_masks(self, masks: Mapping[str, Tensor], what: str = "masks") -> Dict[str, Tensor]:
+        """Validate ``{kind: 1-D mask}`` against the layout; returns the masks as float32 CPU tensors."""
+        if not isinstance(masks, Mapping):
+            raise TypeError(f"{what} must be a Selection or a dict {{kind: 1-D tensor}}, got {type(masks).__name__}")
+        out: Dict[str, Tensor] = {}
+        for kind, m in masks.items():
+            if m is None:
+                continue
+            if kind not in self.sites:
+                raise ValueError(
+                    f"{what} has kind {kind!r}, which the layout does not have (kinds: {', '.join(self.kinds())})"
+                )
+            if not isinstance(m, Tensor):
+                raise TypeError(f"{what}[{kind!r}] must be a torch.Tensor, got {type(m).__name__}")
+            n = self.num_blocks(kind)
+            if m.dim() != 1 or m.numel() != n:
+                raise ValueError(
+                    f"{what}[{kind!r}] has shape {tuple(m.shape)} but the layout has {n} {kind} blocks; "
+                    "masks and scores must come from the same model"
+                )
+            out[kind] = m.detach().to("cpu", torch.float32)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection result
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The result of :func:`select_blocks`: boolean keep-masks per kind plus what it costs.
+
+    ``head``, ``neuron``, ``hidden``: 1-D bool tensors in the order of the scores (None when the
+    scores lack that kind). ``params_kept``: ``C`` of the kept blocks; ``budget``: the budget it
+    was selected under; ``params_total``: ``C`` of the whole model the scores describe;
+    ``layout``: the sites it refers to (used by :func:`apt_salience.masks.apply_masks` and
+    :func:`apt_salience.pruning.prune_model`).
+    """
+
+    head: Optional[Tensor]
+    neuron: Optional[Tensor]
+    hidden: Optional[Tensor]
+    params_kept: float
+    budget: float
+    params_total: float
+    layout: BlockLayout
+    kinds: Tuple[str, ...] = PRUNABLE_KINDS
+    score: str = "outlier_aware"
+    allocation: str = "global"
+    calibration: str = "none"
+
+    def masks(self, dtype: Optional[torch.dtype] = None) -> Dict[str, Tensor]:
+        """``{kind: mask}`` for the present kinds (bool, or cast to ``dtype``)."""
+        out = {k: m for k in PRUNABLE_KINDS if (m := getattr(self, k)) is not None}
+        return {k: m.to(dtype) for k, m in out.items()} if dtype is not None else out
+
+    def site_masks(self, kind: str) -> Dict[str, Tensor]:
+        """``{site: that site's slice of the kind's mask}``."""
+        m = getattr(self, kind)
+        if m is None:
+            return {}
+        return {name: m[sl] for name, sl in self.layout.slices(kind).items()}
+
+    def num_kept(self) -> Dict[str, int]:
+        return {k: int(m.sum()) for k, m in self.masks().items()}
+
+    def num_pruned(self) -> Dict[str, int]:
+        return {k: int((~m).sum()) for k, m in self.masks().items()}
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "format": "apt_salience.selection/1",
+            **{k: m.tolist() for k, m in self.masks().items()},
+            "params_kept": self.params_kept,
+            "budget": self.budget,
+            "params_total": self.params_total,
+            "layout": self.layout.to_dict(),
+            "kinds": list(self.kinds),
+            "score": self.score,
+            "allocation": self.allocation,
+            "calibration": self.calibration,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Selection":
+        if not isinstance(d, Mapping) or d.get("format") != "apt_salience.selection/1":
+            raise ValueError("not an apt_salience selection dict (format 'apt_salience.selection/1' expected)")
+        masks = {k: torch.tensor(d[k], dtype=torch.bool) if d.get(k) is not None else None for k in PRUNABLE_KINDS}
+        return cls(
+            masks["head"], masks["neuron"], masks["hidden"], float(d["params_kept"]), float(d["budget"]),
+            float(d["params_total"]), BlockLayout.from_dict(d["layout"]), tuple(d["kinds"]), str(d["score"]),
+            str(d["allocation"]), str(d["calibration"]),
+        )
+
+    def save(self, path: Union[str, "os.PathLike[str]"]) -> Path:
+        """Write as JSON (:meth:`load` reads it back)."""
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(self.to_dict()), encoding="utf-8")
+        return p
+
+    @classmethod
+    def load(cls, path: Union[str, "os.PathLike[str]"]) -> "Selection":
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    def __repr__(self) -> str:
+        kept = ", ".join(f"{k}={self.num_kept()[k]}/{m.numel()}" for k, m in self.masks().items())
+        return (f"Selection({kept}, params_kept={self.params_kept:.6g}, budget={self.budget:.6g}, "
+                f"params_total={self.params_total:.6g}, allocation={self.allocation!r})")
+
+
+# ---------------------------------------------------------------------------------------------
+# The problem handed to an allocation strategy
+
+
+@dataclass
+class SelectionProblem:
+    """Everything an allocation strategy needs, over the blocks of the selected kinds.
+
+    Blocks are concatenated kind after kind (head, neuron, hidden), model order within a kind, so
+    the index itself is the tie-break order. ``cost`` is each head/neuron block's parameter count
+    (0 for hidden dims); ``is_hidden`` marks hidden dims. A strategy returns a bool keep vector
+    that keeps every ``forced`` block and no dead (``~alive``) block; :meth:`params` evaluates
+    ``C`` for any keep vector.
+    """
+
+    density: Tensor  # float64 [N]
+    cost: Tensor  # float64 [N]
+    is_hidden: Tensor  # bool [N]
+    group: Tensor  # int64 [N]: (kind, layer) group id
+    site: Tensor  # int64 [N]: site id
+    alive: Tensor  # bool [N]
+    forced: Tensor  # bool [N]
+    fixed_cost: float  # parameter count of the head/neuron blocks of kinds not selected (kept as they are)
+    fixed_hidden: float  # d_m' when hidden dims are not selected
+    d_model: int
+
+    def params(self, keep: Tensor) -> float:
+        """``C`` of the model that keeps these blocks."""
+        h = float(keep[self.is_hidden].sum()) if bool(self.is_hidden.any()) else self.fixed_hidden
+        return h / self.d_model * (self.fixed_cost + float(self.cost[keep].sum()))
+
+    def prefix_params(self, order: Tensor) -> Tensor:
+        """``C(i)`` for i = 0..len(order): the model made of the first i blocks of ``order`` (float64 [len+1])."""
+        z = torch.zeros(1, dtype=torch.float64)
+        p = torch.cat([z, torch.cumsum(self.cost[order], 0)]) + self.fixed_cost
+        if bool(self.is_hidden.any()):
+            h = torch.cat([z, torch.cumsum(self.is_hidden[order].double(), 0)])
+        else:
+            h = torch.full_like(p, self.fixed_hidden)
+        return h / self.d_model * p
+
+
+AllocationFn = Callable[[SelectionProblem, float], Tensor]
+CalibrationFn = Callable[[str, Tensor, Sequence[Tuple[str, int]]], Tensor]
+
+
+def _density_order(prob: SelectionProblem, idx: Optional[Tensor] = None) -> Tensor:
+    """Indices sorted by (forced first, density descending, index): dead blocks excluded."""
+    if idx is None:
+        idx = torch.arange(prob.density.numel())
+    idx = idx[prob.alive[idx]]
+    d = prob.density[idx]
+    o = torch.sort(d, descending=True, stable=True).indices
+    idx = idx[o]
+    f = prob.forced[idx]
+    if bool(f.any()):
+        idx = torch.cat([idx[f], idx[~f]])
+    return idx
+
+
+def _last_fitting(c: Tensor, budget: float, lo: int) -> int:
+    """Largest i >= lo with c[i] <= budget (c non-decreasing), by binary search; lo if none."""
+    tol = budget * 1e-12
+    i = int(torch.searchsorted(c, torch.tensor([budget + tol], dtype=c.dtype), right=True)[0]) - 1
+    return max(i, lo)
+
+
+def _allocate_global(prob: SelectionProblem, budget: float) -> Tensor:
+    """APT: one global density sort, keep the largest prefix with ``C(i) <= budget``."""
+    order = _density_order(prob)
+    c = prob.prefix_params(order)
+    n_forced = int(prob.forced.sum())
+    i = _last_fitting(c, budget, n_forced)
+    keep = torch.zeros_like(prob.alive)
+    keep[order[:i]] = True
+    return keep
+
+
+def _allocate_uniform(prob: SelectionProblem, budget: float) -> Tensor:
+    """Keep the same fraction ``f`` of every (kind, layer) group, by density within the group.
+
+    ``k_g(f) = clamp(floor(f * n_g), forced_g, alive_g)``; the largest ``f`` (among the
+    breakpoints ``j / n_g``) with ``C <= budget`` is found by binary search.
+    """
+    n = prob.density.numel()
+    n_groups = int(prob.group.max()) + 1 if n else 0
+    order = _density_order(prob)  # forced first, then density: alive blocks only
+    grp_sorted = prob.group[order]
+    o = torch.sort(grp_sorted, stable=True).indices  # by group, density order within each group
+    by_group = order[o]
+    g_o = grp_sorted[o]
+    size_alive = torch.bincount(g_o, minlength=n_groups)
+    starts = torch.cumsum(size_alive, 0) - size_alive
+    rank = torch.full((n,), n + 1, dtype=torch.int64)
+    rank[by_group] = torch.arange(g_o.numel()) - starts[g_o]
+    size_all = torch.bincount(prob.group, minlength=n_groups)
+    n_forced = torch.bincount(prob.group[prob.forced], minlength=n_groups)
+    z = torch.zeros(1, dtype=torch.float64)
+    cum_cost = torch.cat([z, torch.cumsum(prob.cost[by_group], 0)])
+    cum_hid = torch.cat([z, torch.cumsum(prob.is_hidden[by_group].double(), 0)])
+    has_hidden = bool(prob.is_hidden.any())
+
+    def k_for(f: float) -> Tensor:
+        k = torch.floor(f * size_all.double() + 1e-9).long()
+        return torch.minimum(torch.maximum(k, n_forced), size_alive)
+
+    def params(f: float) -> float:  # O(groups): prefix sums within each group
+        end = starts + k_for(f)
+        p = float((cum_cost[end] - cum_cost[starts]).sum()) + prob.fixed_cost
+        h = float((cum_hid[end] - cum_hid[starts]).sum()) if has_hidden else prob.fixed_hidden
+        return h / prob.d_model * p
+
+    sizes = sorted({int(x) for x in size_all.tolist() if x})
+    cands = torch.unique(torch.cat([torch.arange(sz + 1, dtype=torch.float64) / sz for sz in sizes])).tolist()
+    limit = budget * (1 + 1e-12)
+    lo, hi = 0, len(cands) - 1
+    if params(cands[0]) <= limit:
+        while lo < hi:  # largest candidate fraction with C <= budget
+            mid = (lo + hi + 1) // 2
+            if params(cands[mid]) <= limit:
+                lo = mid
+            else:
+                hi = mid - 1
+    return rank < k_for(cands[lo])[prob.group]
+
+
+def _calibrate_none(kind: str, values: Tensor, sites: Sequence[Tuple[str, int]]) -> Tensor:
+    return values
+
+
+def _calibrate_site_mean(kind: str, values: Tensor, sites: Sequence[Tuple[str, int]]) -> Tensor:
+    """Divide each site's scores by that site's mean score (sites with a mean <= 0 are left as they are)."""
+    out = values.clone()
+    start = 0
+    for _, count in sites:
+        sl = slice(start, start + count)
+        mean = float(values[sl].mean()) if count else 0.0
+        if mean > 0 and math.isfinite(mean):
+            out[sl] = values[sl] / mean
+        start += count
+    return out
+
+
+#: Allocation strategies: name -> fn(problem, budget) -> keep (bool [N]).
+ALLOCATIONS: Dict[str, AllocationFn] = {"global": _allocate_global, "uniform": _allocate_uniform}
+#: Score calibrations applied per kind before density: name -> fn(kind, values, sites) -> values.
+CALIBRATIONS: Dict[str, CalibrationFn] = {"none": _calibrate_none, "site_mean": _calibrate_site_mean}
+
+
+def register_allocation(name: str, fn: AllocationFn) -> None:
+    """Add an allocation strategy usable as ``select_blocks(..., allocation=name)``."""
+    if not isinstance(name, str) or not name or not callable(fn):
+        raise TypeError("register_allocation(name: str, fn: callable(problem, budget) -> bool keep tensor)")
+    ALLOCATIONS[name] = fn
+
+
+def register_calibration(name: str, fn: CalibrationFn) -> None:
+    """Add a calibration usable as ``select_blocks(..., calibration=name)``."""
+    if not isinstance(name, str) or not name or not callable(fn):
+        raise TypeError("register_calibration(name: str, fn: callable(kind, values, sites) -> values)")
+    CALIBRATIONS[name] = fn
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+_SCORE_FIELDS = ("outlier_aware", "salience", "kurtosis", "density", "param_count")
+
+
+def _score_values(scores: SalienceScores, kind: str, score: Union[str, Mapping[str, Tensor]], n: int) -> Tensor:
+    if isinstance(score, str):
+        b: BlockScores = getattr(scores, kind)
+        v = getattr(b, score)
+    else:
+        if kind not in score:
+            raise ValueError(f"score dict has no entry for kind {kind!r} (keys: {sorted(score)}); give one per selected kind")
+        v = score[kind]
+        if not isinstance(v, Tensor):
+            v = torch.as_tensor(v)
+    v = v.detach().to("cpu", torch.float64).reshape(-1) if v.dim() <= 1 else v
+    if v.dim() != 1 or v.numel() != n:
+        raise ValueError(
+            f"score for kind {kind!r} has shape {tuple(v.shape)} but the scores have {n} {kind} blocks "
+            "(custom scores must follow the layout of the scores: same sites, same order)"
+        )
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError(f"score for kind {kind!r} has non-finite values (NaN/inf); cannot rank")
+    return v
+
+
+def _previous_alive(previous: Optional[MasksLike], layout: BlockLayout) -> Dict[str, Tensor]:
+    if previous is None:
+        return {}
+    if isinstance(previous, Selection):
+        for kind, sites in previous.layout.sites.items():
+            if layout.sites.get(kind) != sites:
+                raise ValueError(
+                    f"previous selection was made for a different block layout ({kind} sites differ from the "
+                    "scores'); selections and scores must come from the same model"
+                )
+        prev = layout.check_masks(previous.masks(torch.float32), "previous")
+    else:
+        prev = layout.check_masks(previous, "previous")
+    return {k: m > 0 for k, m in prev.items()}
+
+
+def select_blocks(
+    scores: SalienceScores,
+    *,
+    keep_ratio: Optional[float] = None,
+    budget: Optional[float] = None,
+    kinds: Sequence[str] = ("head", "neuron", "hidden"),
+    score: Union[str, Mapping[str, Tensor]] = "outlier_aware",
+    allocation: str = "global",
+    calibration: str = "none",
+    min_per_site: int = 0,
+    previous: Optional[MasksLike] = None,
+) -> Selection:
+    """Select the blocks to keep under a parameter budget (APT Eq. 13-14).
+
+    Args:
+        scores: a tracker reading.
+        keep_ratio: in (0, 1]: ``budget = keep_ratio * C(all)``. Exactly one of ``keep_ratio`` / ``budget``.
+        budget: the parameter budget ``C`` (head + neuron weights, scaled by ``d_m' / d_model``).
+        kinds: which kinds are pruned; a kind left out is kept as it is (whole, or as ``previous`` has it),
+            and when ``hidden`` is left out ``d_m'`` is the number of kept hidden dims (``d_model``).
+        score: a :class:`~apt_salience.scores.BlockScores` field name (``"outlier_aware"``, ``"salience"``,
+            ...) or ``{kind: 1-D tensor}`` of custom per-block scores in the layout of ``scores``.
+        allocation: ``"global"`` (APT: one density sort over all kinds and layers) or ``"uniform"``
+            (the same fraction of every (kind, layer) group, by density within the group), or any
+            name added with :func:`register_allocation`.
+        calibration: ``"none"`` or ``"site_mean"`` (each site's scores divided by the site's mean before
+            density), or any name added with :func:`register_calibration`.
+        min_per_site: keep at least this many blocks of every site (the most dense ones), e.g. 1 so that
+            no attention or FFN is emptied. Counted against the budget; a warning if they alone exceed it.
+        previous: an earlier :class:`Selection` or ``{kind: mask}`` (float masks: 0 means pruned): blocks
+            pruned there stay pruned.
+
+    Ties in density are broken by kind (head, neuron, hidden) and then model order.
+
+    Example:
+        >>> import torch, apt_salience
+        >>> from torch import nn
+        >>> from apt_salience.selection import select_blocks
+        >>> class Block(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__(); self.o = nn.Linear(8, 8); self.up = nn.Linear(8, 16); self.down = nn.Linear(16, 8)
+        ...     def forward(self, x): return x + self.down(torch.relu(self.up(x + self.o(x))))
+        >>> model = nn.Sequential(Block(), Block())
+        >>> cfg = {"architecture": "custom", "sites": {"heads": r".*\\.o", "neurons": r".*\\.down", "head_dim": 4}}
+        >>> with apt_salience.attach(model, cfg) as tracker:
+        ...     model(torch.randn(3, 5, 8, requires_grad=True)).pow(2).mean().backward(); _ = tracker.step()
+        ...     sel = select_blocks(tracker.scores(), keep_ratio=0.5, kinds=("head", "neuron"))
+        >>> sel.params_kept <= sel.budget == 0.5 * sel.params_total
+        True
+    """
+    if not isinstance(scores, SalienceScores):
+        raise TypeError(f"scores must be an apt_salience SalienceScores, got {type(scores).__name__}")
+    if isinstance(kinds, str):
+        kinds = (kinds,)
+    kinds = tuple(kinds)
+    bad = [k for k in kinds if k not in PRUNABLE_KINDS]
+    if bad or not kinds:
+        raise ValueError(f"kinds must be a non-empty subset of {PRUNABLE_KINDS}, got {kinds!r}")
+    if isinstance(score, str):
+        if score not in _SCORE_FIELDS:
+            raise ValueError(f"score must be one of {_SCORE_FIELDS} or a dict {{kind: tensor}}, got {score!r}")
+    elif not isinstance(score, Mapping):
+        raise TypeError(f"score must be a BlockScores field name or a dict {{kind: tensor}}, got {type(score).__name__}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {sorted(ALLOCATIONS)}, got {allocation!r}")
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"calibration must be one of {sorted(CALIBRATIONS)}, got {calibration!r}")
+    if isinstance(min_per_site, bool) or not isinstance(min_per_site, int) or min_per_site < 0:
+        raise ValueError(f"min_per_site must be an int >= 0, got {min_per_site!r}")
+    if (keep_ratio is None) == (budget is None):
+        raise ValueError("give exactly one of keep_ratio (fraction in (0, 1]) or budget (parameter count)")
+    if keep_ratio is not None:
+        if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
+            raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
+
+    layout = BlockLayout.from_scores(scores)
+    missing = [k for k in kinds if k not in layout.sites]
+    if missing:
+        raise ValueError(f"the scores have no {', '.join(missing)} blocks; available kinds: {layout.kinds()}")
+    if not any(k in layout.sites for k in ("head", "neuron")):
+        raise ValueError("the scores have no head or neuron blocks, so there is no parameter budget to select under")
+    if layout.d_model <= 0:
+        raise ValueError("the scores have no d_model (hidden size); cannot compute parameter counts")
+    for k, pc in layout.param_count.items():
+        if pc.numel() and not bool((pc > 0).all() and torch.isfinite(pc).all()):
+            raise ValueError(f"the {k} parameter counts must be positive and finite")
+    alive_prev = _previous_alive(previous, layout)
+
+    # per-kind data in tie-break order
+    calib = CALIBRATIONS[calibration]
+    dens: List[Tensor] = []
+    cost: List[Tensor] = []
+    hid: List[Tensor] = []
+    grp: List[Tensor] = []
+    sid: List[Tensor] = []
+    alive: List[Tensor] = []
+    group_ids: Dict[Tuple[str, str], int] = {}
+    n_sites = 0
+    fixed_cost = 0.0
+    fixed_hidden = float(layout.d_model)
+    full_cost = sum(float(layout.param_count[k].sum()) for k in ("head", "neuron") if k in layout.param_count)
+    for kind in layout.kinds():
+        n = layout.num_blocks(kind)
+        pc = layout.param_count[kind]
+        a = alive_prev.get(kind, torch.ones(n, dtype=torch.bool))
+        if kind not in kinds:
+            if kind == "hidden":
+                fixed_hidden = float(a.sum())
+            else:
+                fixed_cost += float(pc[a].sum())
+            continue
+        v = calib(kind, _score_values(scores, kind, score, n), layout.sites[kind]).to(torch.float64)
+        dens.append(v / pc)
+        cost.append(pc if kind != "hidden" else torch.zeros(n, dtype=torch.float64))
+        hid.append(torch.full((n,), kind == "hidden"))
+        alive.append(a)
+        g = torch.empty(n, dtype=torch.int64)
+        s = torch.empty(n, dtype=torch.int64)
+        for name, sl in layout.slices(kind).items():
+            key = (kind, layout.layers.get(name, name) if kind != "hidden" else "hidden")
+            g[sl] = group_ids.setdefault(key, len(group_ids))
+            s[sl] = n_sites
+            n_sites += 1
+        grp.append(g)
+        sid.append(s)
+
+    prob = SelectionProblem(
+        density=torch.cat(dens), cost=torch.cat(cost), is_hidden=torch.cat(hid), group=torch.cat(grp),
+        site=torch.cat(sid), alive=torch.cat(alive), forced=torch.zeros(sum(a.numel() for a in alive), dtype=torch.bool),
+        fixed_cost=fixed_cost, fixed_hidden=fixed_hidden, d_model=layout.d_model,
+    )
+    prob.forced = _forced(prob, min_per_site, n_sites)
+    params_total = full_cost  # every block kept: d_m' = d_model
+    if keep_ratio is not None:
+        budget = float(keep_ratio) * params_total
+    assert budget is not None
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
+        raise ValueError(f"budget must be a positive finite parameter count, got {budget!r}")
+    if budget > params_total * (1 + 1e-9):
+        raise ValueError(
+            f"budget {budget:.6g} is larger than the model the scores describe ({params_total:.6g} parameters in "
+            "head and neuron blocks); use a smaller budget or keep_ratio <= 1"
+        )
+    budget = float(budget)
+
+    keep = ALLOCATIONS[allocation](prob, budget)
+    if not isinstance(keep, Tensor) or keep.dtype != torch.bool or keep.shape != prob.alive.shape:
+        raise TypeError(f"allocation {allocation!r} must return a bool tensor of shape {tuple(prob.alive.shape)}")
+    keep = keep & prob.alive
+    kept_params = prob.params(keep)
+    if kept_params > budget * (1 + 1e-9):
+        warnings.warn(
+            f"apt_salience: the blocks that must be kept (kinds not selected: "
+            f"{[k for k in layout.kinds() if k not in kinds]}, min_per_site={min_per_site}) need {kept_params:.6g} "
+            f"parameters, more than the budget {budget:.6g}",
+            SelectionWarning,
+            stacklevel=2,
+        )
+
+    masks: Dict[str, Optional[Tensor]] = {k: None for k in PRUNABLE_KINDS}
+    start = 0
+    for kind in layout.kinds():
+        n = layout.num_blocks(kind)
+        if kind in kinds:
+            masks[kind] = keep[start : start + n].clone()
+            start += n
+        else:
+            masks[kind] = alive_prev.get(kind, torch.ones(n, dtype=torch.bool)).clone()
+    return Selection(
+        masks["head"], masks["neuron"], masks["hidden"], kept_params, budget, params_total, layout, kinds,
+        score if isinstance(score, str) else "custom", allocation, calibration,
+    )
+
+
+def _forced(prob: SelectionProblem, min_per_site: int, n_sites: int) -> Tensor:
+    """The ``min_per_site`` most dense alive blocks of every site."""
+    forced = torch.zeros_like(prob.alive)
+    if min_per_site <= 0:
+        return forced
+    order = _density_order(prob)  # nothing forced yet: density order among alive blocks
+    s = prob.site[order]
+    o = torch.sort(s, stable=True).indices
+    s_o = s[o]
+    counts = torch.bincount(s_o, minlength=n_sites)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(s_o.numel()) - starts[s_o]
+    forced[order[o][rank < min_per_site]] = True
+    return forced
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule and gradual masks
+
+
+def cubic_keep_ratio(step: int, total_steps: int, final_ratio: float) -> float:
+    """APT's cubic schedule of the kept fraction: ``gamma_t = gamma_T + (1 - gamma_T) (1 - t/T)^3``.
+
+    ``t`` is clamped to ``[0, T]``: 1 at the start, ``final_ratio`` from step ``T`` on.
+
+    Example:
+        >>> [round(cubic_keep_ratio(t, 100, 0.4), 6) for t in (0, 50, 100, 200)]
+        [1.0, 0.475, 0.4, 0.4]
+    """
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
+        raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an int >= 0, got {step!r}")
+    if isinstance(final_ratio, bool) or not isinstance(final_ratio, (int, float)) or not 0 < final_ratio <= 1:
+        raise ValueError(f"final_ratio must be a number in (0, 1], got {final_ratio!r}")
+    t = min(step, total_steps) / total_steps
+    return float(final_ratio + (1.0 - final_ratio) * (1.0 - t) ** 3)
+
+
+def update_masks(
+    masks: Optional[Mapping[str, Tensor]], selection: Selection, alpha: float = 0.01
+) -> Dict[str, Tensor]:
+    """The gradual mask update: kept blocks ``+alpha``, pruned ``-alpha``, clamped to ``[0, 1]``.
+
+    ``masks`` None starts from all ones. Returns new float32 tensors ``{kind: mask}``.
+
+    Example:
+        >>> import torch
+        >>> from apt_salience.selection import Selection, BlockLayout, update_masks
+        >>> lay = BlockLayout({"neuron": (("fc2", 3),)}, {"fc2": 1}, {"fc2": "l0"}, 2)
+        >>> sel = Selection(None, torch.tensor([True, False, True]), None, 0., 1., 1., lay)
+        >>> update_masks({"neuron": torch.tensor([1.0, 0.005, 0.5])}, sel, alpha=0.01)["neuron"].tolist()
+        [1.0, 0.0, 0.5099999904632568]
+    """
+    if not isinstance(selection, Selection):
+        raise TypeError(f"selection must be a Selection, got {type(selection).__name__}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
+        raise ValueError(f"alpha must be a number in (0, 1], got {alpha!r}")
+    cur = selection.layout.check_masks(masks, "masks") if masks is not None else {}
+    out: Dict[str, Tensor] = {}
+    for kind, keep in selection.masks().items():
+        m = cur.get(kind, torch.ones(keep.numel(), dtype=torch.float32))
+        out[kind] = torch.where(keep, m + alpha, m - alpha).clamp_(0.0, 1.0)
+    return out
