@@ -59,8 +59,11 @@ class Capture:
         for name, x, y, mask in self.calls:
             def flat(t):
                 a = t.detach().to(torch.float64).reshape(-1, t.shape[-1])
-                if mask is not None:
+                if mask is not None and (tuple(t.shape[:-1]) == tuple(mask.shape) or
+                                         (t.dim() == 2 and t.shape[0] == mask.numel())):  # OPT flattens tokens
                     a = a[mask.reshape(-1).bool()]
+                else:
+                    assert mask is None or tuple(t.shape[:-1]) == tuple(mask.shape[:1]), "pooled tensors only"
                 return a.numpy()
             h, g = flat(x), flat(x.grad)
             o = go = None
