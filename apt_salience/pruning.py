@@ -219,16 +219,10 @@ def _prune_heads(modules: Mapping[str, nn.Module], spec: PruneSpec, site: str, k
     attn = modules[_join(root, spec.attn)] if _join(root, spec.attn) else None
     if attn is not None:
         n_new = len(heads)
-        if hasattr(attn, "num_attention_heads"):
-            attn.num_attention_heads = n_new
-        if hasattr(attn, "all_head_size"):
-            attn.all_head_size = n_new * head_dim
-        if hasattr(attn, "num_heads"):
-            attn.num_heads = n_new
-        if hasattr(attn, "num_key_value_heads"):
-            attn.num_key_value_heads = new_kv
-        if hasattr(attn, "num_key_value_groups"):
-            attn.num_key_value_groups = n_new // new_kv
+        for attr, value in (("num_attention_heads", n_new), ("all_head_size", n_new * head_dim), ("num_heads", n_new),
+                            ("num_key_value_heads", new_kv), ("num_key_value_groups", n_new // new_kv)):
+            if hasattr(attn, attr):
+                setattr(attn, attr, value)
     return n_h - len(heads), n_kv - new_kv, len(placeholders)
 
 
@@ -371,11 +365,12 @@ def save_pruned(model: nn.Module, path: Union[str, "os.PathLike[str]"], **save_k
 
     Example: see :func:`load_pruned`.
     """
-    if not hasattr(model, "save_pretrained"):
+    save = getattr(model, "save_pretrained", None)
+    if not callable(save):
         raise TypeError("save_pruned needs a Hugging Face PreTrainedModel (with save_pretrained)")
     p = Path(path)
     shapes = pruned_shapes(model)
-    model.save_pretrained(p, **save_kwargs)
+    save(p, **save_kwargs)
     (p / PRUNING_FILE).write_text(json.dumps(shapes, indent=1), encoding="utf-8")
     return p
 
@@ -428,8 +423,9 @@ def load_pruned(path: Union[str, "os.PathLike[str]"], model_class: Optional[Type
     if result.unexpected_keys:
         raise ValueError(f"weights in '{p}' do not fit the pruned model: unexpected {result.unexpected_keys[:5]}")
     if result.missing_keys:
-        if hasattr(model, "tie_weights"):
-            model.tie_weights()
+        tie = getattr(model, "tie_weights", None)
+        if callable(tie):
+            tie()
         loaded = {t.data_ptr() for n, t in model.state_dict().items() if n in state}
         untied = [k for k in result.missing_keys if model.state_dict()[k].data_ptr() not in loaded]
         if untied:
