@@ -1,0 +1,27 @@
+"""The quick-start example runs and prints the blocks it promises."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quickstart_prints_top_and_bottom_blocks(capsys) -> None:
+    scores = _load("quickstart").main(steps=4, accumulation=2)
+    out = capsys.readouterr().out
+    assert "step 4: reading published" in out
+    assert "heads by outlier-aware density -- top:" in out and "neurons by outlier-aware density -- bottom:" in out
+    assert scores.step == 4 and len(scores.head) == 3 * 4 and len(scores.neuron) == 3 * 128
+    assert torch.isfinite(scores.head.density).all() and (scores.head.salience > 0).all()
