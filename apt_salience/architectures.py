@@ -85,15 +85,18 @@ def linear_dims(module: nn.Module) -> Optional[Tuple[int, int]]:
     m = _base(module)
     if isinstance(m, nn.Linear):
         return int(m.in_features), int(m.out_features)
-    if type(m).__name__ == "Conv1D" and isinstance(getattr(m, "weight", None), Tensor) and m.weight.dim() == 2:
-        return int(m.weight.shape[0]), int(m.weight.shape[1])
+    w = getattr(m, "weight", None)
+    if type(m).__name__ == "Conv1D" and isinstance(w, Tensor) and w.dim() == 2:
+        return int(w.shape[0]), int(w.shape[1])
     return None
 
 
 def linear_weight(module: nn.Module) -> Tensor:
     """The weight as ``[out, in]`` (a view; Conv1D's ``[in, out]`` is transposed)."""
     m = _base(module)
-    w = m.weight
+    w = getattr(m, "weight", None)
+    if not isinstance(w, Tensor):
+        raise TypeError(f"{type(m).__name__} has no weight tensor")
     return w.t() if type(m).__name__ == "Conv1D" else w
 
 

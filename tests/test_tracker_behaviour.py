@@ -414,3 +414,23 @@ def test_refresh_reads_current_shapes() -> None:
     assert s.hidden.param_count[0].item() == pytest.approx((2 * HEADS * 4 * 8 * HIDDEN + (20 + 48) * 2 * HIDDEN) / HIDDEN)
     tracker.detach()
     assert hook_counts(model) == 0
+
+
+def test_uncertainty_follows_adalora_recursion() -> None:
+    arch = "bert"
+    model = make_model(arch)
+    tracker = apt_salience.attach(model, {"update_frequency": 1, "ema_beta": 0.85, "uncertainty_beta": 0.7})
+    sites = discover_sites(model, arch)
+    readings, records = drive(model, tracker, arch, sites, n_steps=3, micro=1)
+    expected = reference_readings(records, sites, block_sizes(sites, arch), 1, 0.85)
+    u = np.zeros_like(expected[0]["head"]["outlier_aware"])
+    prev = np.zeros_like(u)
+    for r in expected:  # recover the window's S_hat from consecutive EMA values
+        oa = r["head"]["outlier_aware"]
+        s_hat = (oa - 0.85 * prev) / 0.15
+        u = 0.7 * u + 0.3 * np.abs(s_hat - oa)
+        prev = oa
+    assert_close(tracker.uncertainty()["head"], u, rel=1e-3, what="uncertainty")
+    tracker.detach()
+    with pytest.raises(TrackerStateError, match="uncertainty_beta"):
+        apt_salience.attach(make_model(arch)).uncertainty()
