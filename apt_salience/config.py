@@ -19,7 +19,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union, cast
 
 import yaml
 
@@ -164,7 +164,7 @@ def _validate_section(name: str, raw: Any) -> Any:
     if raw is None:
         return cls()
     if isinstance(raw, cls):
-        raw = dataclasses.asdict(raw)
+        raw = dataclasses.asdict(cast(Any, raw))
     if not isinstance(raw, Mapping):
         raise ConfigError(f"config key '{name}' must be a mapping of keys to values, got {raw!r}")
     valid = {f.name for f in dataclasses.fields(cls)}
@@ -198,6 +198,9 @@ def _validate(raw: Mapping[str, Any]) -> SalienceConfig:
             out[key] = _check_beta(key, value)
         elif key == "uncertainty_beta":
             out[key] = None if value is None else _check_beta(key, value)
+        elif key == "sync" and value is False:
+            # YAML 1.1 (PyYAML) reads an unquoted ``sync: off`` as the boolean false
+            out[key] = "off"
         else:
             out[key] = _check_choice(key, value)
     cfg = SalienceConfig(**out)
@@ -231,13 +234,18 @@ def load_config(config: ConfigLike = None) -> SalienceConfig:
     if config is None:
         return SalienceConfig()
     if isinstance(config, SalienceConfig):
-        return config
+        # a SalienceConfig built by hand has not been validated yet: check every field
+        return _validate(config.to_dict())
     if isinstance(config, (str, os.PathLike)):
         path = Path(config)
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read config file '{path}': {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"cannot read config file '{path}': not UTF-8 text (byte {exc.start}: {exc.reason})"
+            ) from None
         try:
             raw = yaml.safe_load(text)
         except yaml.YAMLError as exc:

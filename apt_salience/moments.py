@@ -103,6 +103,8 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
 
 def pool_moments(m: Moments, group_size: int) -> Moments:
     """Pool contiguous groups of ``group_size`` channels (same count each) into one distribution each."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
     if group_size == 1:
         return m
     channels = m.mean.shape[-1]
@@ -120,12 +122,17 @@ def pool_moments(m: Moments, group_size: int) -> Moments:
     return Moments(m.n * group_size, pooled_mean.squeeze(-1), m2, m3, m4)
 
 
-def kurtosis_from_moments(m: Moments, excess: bool = False, rel_tol: float = 1e-6) -> Tensor:
+def kurtosis_from_moments(m: Moments, excess: bool = False, rel_tol: Optional[float] = None) -> Tensor:
     """Pearson kurtosis ``n * M4 / M2^2`` (``excess``: minus 3, clamped at 0).
 
     Channels with fewer than two values or (numerically) zero variance give 0; never NaN.
-    Zero variance means ``var <= (rel_tol * |mean|)^2`` (float32 data cannot resolve less).
+    Zero variance means ``var <= (rel_tol * |mean|)^2``. ``rel_tol`` defaults to 1e-8 for
+    float64 moments (a constant float32 channel leaves a rounding residue near
+    ``var ~ 1e-20 mean^2``, while any float32 data with two distinct values in a fair
+    share of its samples has ``std / |mean| > 1e-8``) and 1e-6 for float32 moments.
     """
+    if rel_tol is None:
+        rel_tol = 1e-8 if m.m2.dtype == torch.float64 else 1e-6
     n = m.n
     var = m.m2 / torch.where(n > 0, n, torch.ones_like(n))
     tiny = torch.finfo(m.m2.dtype).tiny
@@ -181,8 +188,15 @@ class StreamingMoments:
 
     def update(self, x: Tensor, channel_dim: int = -1) -> None:
         """Fold a batch in; every position other than ``channel_dim`` is one sample."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"StreamingMoments.update needs a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0:
             raise ValueError("StreamingMoments.update needs at least a 1-D tensor")
+        if not -x.dim() <= channel_dim < x.dim():
+            raise ValueError(
+                f"channel_dim={channel_dim} is out of range for a tensor with {x.dim()} dimensions "
+                f"(allowed: {-x.dim()} <= channel_dim < {x.dim()})"
+            )
         x2 = x.movedim(channel_dim, -1).reshape(-1, x.shape[channel_dim])
         if x2.shape[1] != self.num_channels:
             raise ValueError(f"batch has {x2.shape[1]} channels, accumulator has {self.num_channels}")
@@ -213,6 +227,15 @@ class StreamingMoments:
         missing = set(Moments._fields) - set(state)
         if missing:
             raise KeyError(f"moment state lacks {sorted(missing)}")
+        for k in Moments._fields:
+            if not isinstance(state[k], Tensor):
+                raise TypeError(f"moment state '{k}' must be a tensor, got {type(state[k]).__name__}")
+        want = {"n": self._m.n.shape, **{k: self._m.mean.shape for k in Moments._fields[1:]}}
+        for k, shape in want.items():
+            if state[k].shape != shape:
+                raise ValueError(
+                    f"moment state '{k}' has shape {tuple(state[k].shape)}, this accumulator needs {tuple(shape)}"
+                )
         dev, dt = self._m.mean.device, self._m.mean.dtype
         self._m = Moments(*(state[k].to(dev, dt).clone() for k in Moments._fields))
 

@@ -38,8 +38,13 @@ def _flatten_tokens(x: Tensor, channel_dim: int, mask: Optional[Tensor], name: s
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() == 0:
         raise ValueError(f"{name} must have at least one dimension (the channels), got a scalar")
+    if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
+        raise TypeError(f"channel_dim must be an int, got {channel_dim!r}")
     if not -x.dim() <= channel_dim < x.dim():
-        raise ValueError(f"channel_dim={channel_dim} is out of range for {name} with {x.dim()} dimensions")
+        raise ValueError(
+            f"channel_dim={channel_dim} is out of range for {name} with {x.dim()} dimensions "
+            f"(allowed: {-x.dim()} <= channel_dim < {x.dim()})"
+        )
     if x.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
     if not (x.is_floating_point()):
@@ -48,6 +53,8 @@ def _flatten_tokens(x: Tensor, channel_dim: int, mask: Optional[Tensor], name: s
     tokens_shape = xc.shape[:-1]
     x2 = xc.reshape(-1, xc.shape[-1])
     if mask is not None:
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
         if tuple(mask.shape) != tuple(tokens_shape):
             raise ValueError(
                 f"mask shape {tuple(mask.shape)} does not match the token dimensions {tuple(tokens_shape)} of {name} "
@@ -135,6 +142,8 @@ def normalize_scores(scores: Tensor, param_counts: Union[Tensor, Sequence[float]
         >>> normalize_scores(torch.tensor([6.0, 9.0]), head_param_count(d_model=4, head_dim=2, num_heads=2))
         tensor([0.1875, 0.2812])
     """
+    if not isinstance(scores, Tensor):
+        raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
     counts = torch.as_tensor(param_counts, dtype=torch.float64 if scores.dtype == torch.float64 else torch.float32)
     counts = counts.to(scores.device)
     if counts.numel() == 0 and scores.numel() != 0:
@@ -143,14 +152,20 @@ def normalize_scores(scores: Tensor, param_counts: Union[Tensor, Sequence[float]
     if bool(bad.any()):
         idx = int(bad.reshape(-1).nonzero()[0])
         raise ValueError(
-            f"parameter counts must be positive and finite; entry {idx} is {counts.reshape(-1)[idx].item()}"
+            f"param_counts must be positive and finite; entry {idx} is {counts.reshape(-1)[idx].item()}"
         )
     try:
-        return scores / counts
+        shape = torch.broadcast_shapes(scores.shape, counts.shape)
     except RuntimeError as exc:
         raise ValueError(
             f"scores shape {tuple(scores.shape)} and param_counts shape {tuple(counts.shape)} do not broadcast"
         ) from exc
+    if shape != scores.shape:
+        raise ValueError(
+            f"param_counts shape {tuple(counts.shape)} would broadcast scores shape {tuple(scores.shape)} to "
+            f"{tuple(shape)}; param_counts must be a scalar or broadcast to the shape of scores"
+        )
+    return scores / counts
 
 
 def _positive(name: str, value: float) -> None:
@@ -198,7 +213,10 @@ def hidden_param_count(layers: Iterable[Tuple[int, int, int, int, bool]]) -> flo
         True
     """
     total = 0.0
-    for n_h, n_kv, d_head, d_ff, gated in layers:
+    for i, (n_h, n_kv, d_head, d_ff, gated) in enumerate(layers):
+        for name, v in (("num_heads", n_h), ("num_kv_heads", n_kv), ("head_dim", d_head), ("d_ff", d_ff)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"hidden_param_count: layer {i} has {name}={v!r}; must be a number >= 0")
         total += (2 * n_h + 2 * n_kv) * d_head + (3 if gated else 2) * d_ff
     if total <= 0:
         raise ValueError("hidden_param_count: the layers hold no heads and no neurons")
