@@ -36,6 +36,7 @@ class Capture:
         self.sites = sites  # name -> kind (head | neuron | adapter)
         self.calls: List[Tuple[str, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]] = []
         self.mask: Optional[torch.Tensor] = None
+        self.decoder_mask: Optional[torch.Tensor] = None  # for sites under a module named "decoder"
         self.handles = []
         modules = dict(model.named_modules())
         for name in sites:
@@ -50,7 +51,8 @@ class Capture:
             x.retain_grad()
             if self.sites[name] != "adapter":
                 y.retain_grad()
-            self.calls.append((name, x, y if self.sites[name] != "adapter" else None, self.mask))
+            mask = self.decoder_mask if (self.decoder_mask is not None and "decoder" in name.split(".")) else self.mask
+            self.calls.append((name, x, y if self.sites[name] != "adapter" else None, mask))
         return hook
 
     def collect(self) -> Dict[str, List[Tuple[np.ndarray, np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]]]:

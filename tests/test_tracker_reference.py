@@ -191,3 +191,30 @@ def test_gradient_accumulation_is_one_step() -> None:
     assert_close(got, per_step.reshape(HEADS, -1).sum(1), what="per-step product")
     assert not np.allclose(got.numpy(), per_micro.reshape(HEADS, -1).sum(1), rtol=1e-3)
     tracker.detach()
+
+
+def test_encoder_decoder_masks() -> None:
+    """T5: the encoder sites take the attention mask, the decoder sites (self and cross) the decoder mask."""
+    arch = "t5"
+    model = make_model(arch)
+    tracker = apt_salience.attach(model, {"update_frequency": 1})
+    sites = discover_sites(model, arch)
+    cap = Capture(model, sites)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 60, (3, 7), generator=gen)
+    enc_mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2, [1] * 3 + [0] * 4])
+    labels = torch.randint(2, 60, (3, 4), generator=gen)
+    dec_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0]])
+    cap.mask, cap.decoder_mask = enc_mask, dec_mask
+    with tracker.token_mask(enc_mask, decoder_mask=dec_mask):
+        loss = model(input_ids=ids, attention_mask=enc_mask, labels=labels.masked_fill(dec_mask == 0, -100),
+                     decoder_attention_mask=dec_mask).loss
+    loss.backward()
+    assert tracker.step()
+    expected = reference_readings([cap.collect()], sites, block_sizes(sites, arch), 1, 0.85)
+    compare([tracker.scores()], expected)
+    # the encoder mask alone does not fit the decoder's tokens: a clear error naming a decoder site
+    with pytest.raises(ValueError, match=r"site 'decoder\.block\.0\.layer\.0\.SelfAttention\.o'"):
+        with tracker.token_mask(enc_mask):
+            model(input_ids=ids, attention_mask=enc_mask, labels=labels)
+    tracker.detach(); cap.remove()
