@@ -1,0 +1,645 @@
+"""Score quality: baseline block criteria and the pruning comparison behind ``docs/score_quality.md``.
+
+Baseline per-block scores, in the tracker's block order (``{kind: 1-D tensor}``, usable as
+``select_blocks(scores, score=...)``):
+
+* weight magnitude and random: :func:`apt_salience.demo.magnitude_scores` /
+  :func:`apt_salience.demo.random_scores` (re-exported here);
+* :func:`wanda_scores`: Wanda-style ``sum_{c in block} sum_o |W[o, c]| * ||X_c||_2`` over the
+  site's input columns (``X`` the site input on calibration tokens, padding excluded), collected
+  by :class:`ActivationNorms`;
+* :func:`weight_taylor_scores` / :class:`WeightTaylor`: weight-gradient first-order Taylor
+  ``|sum_{w in block} w * dL/dw|`` per block. A block's weights are its input columns of the
+  site plus the matching output rows of the linears that produce the site's input (Q, K, V for a
+  head; up / gate for a neuron), as LLM-Pruner's group Taylor. Restricted to the site's columns
+  it would equal the tracker's ``salience.mode: taylor`` exactly (``sum_o W[o, c] dW[o, c] =
+  sum_t H[t, c] dL/dH[t, c]``); the producer rows make it a different criterion. Needs ``.grad``
+  on those weights (full fine-tuning).
+
+The comparison (:func:`compare_criteria`, signature fixed for the demo CLI)::
+
+    compare_criteria(*, seed=0, budgets=(0.7, 0.5, 0.4), train_size=None, val_size=200,
+                     test_size=400, steps=100, batch_size=16, lr=1e-4, max_length=64,
+                     recovery_steps=6, recovery_lr=5e-5, options=DEFAULT_OPTIONS,
+                     random_seeds=(0, 1, 2), calib_size=128, cache_dir=None,
+                     recover=True, progress=False, log=None) -> Comparison
+
+1. splits the demo's tweets (:func:`apt_salience.demo.load_tweets`): a held-out test split, and a
+   validation split carved from the training rows (never trained on);
+2. fine-tunes all-MiniLM-L6-v2 once, with one tracker per ``salience.mode`` x ``kurtosis.combine``
+   combination and a :class:`WeightTaylor` attached at the same time (cached under ``cache_dir``);
+3. computes the baselines on the fine-tuned model (Wanda's norms on ``calib_size`` training rows);
+4. on the validation split, prunes with every tracker setting under every (allocation,
+   calibration) option of ``options`` at every budget (retraining-free) and picks the
+   *recommended* setting: best mean validation accuracy over the budgets;
+5. on the test split, evaluates every column (every tracker setting, magnitude, random (mean over
+   ``random_seeds``), Wanda, weight-gradient Taylor) under the recommended allocation and
+   calibration, plus the paper's default (compressed + add, global, no calibration), at every
+   budget, retraining-free and, with ``recover``, after ``recovery_steps`` fine-tuning steps of
+   the physically pruned model.
+
+Pruned models are evaluated physically pruned (:func:`apt_salience.pruning.prune_model`,
+equivalent to the masks and cheaper). :meth:`Comparison.to_markdown` renders the tables.
+
+Example:
+    >>> import torch
+    >>> from transformers import BertConfig, BertForSequenceClassification
+    >>> from apt_salience.quality import weight_taylor_scores
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> m = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2,
+    ...     num_attention_heads=4, intermediate_size=64, vocab_size=100))
+    >>> m(input_ids=torch.randint(0, 100, (2, 7)), labels=torch.tensor([0, 1])).loss.backward()
+    >>> s = weight_taylor_scores(m)
+    >>> s["head"].shape, s["neuron"].shape, bool((s["head"] >= 0).all())
+    (torch.Size([8]), torch.Size([128]), True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from .architectures import Site, find_sites, linear_weight
+from .config import ConfigLike, load_config
+from .demo import _producers, magnitude_scores, random_scores
+
+__all__ = [
+    "magnitude_scores",
+    "random_scores",
+    "wanda_scores",
+    "ActivationNorms",
+    "weight_taylor_scores",
+    "WeightTaylor",
+    "block_groups",
+    "TRACKER_SETTINGS",
+    "DEFAULT_OPTIONS",
+    "Comparison",
+    "compare_criteria",
+]
+
+logger = logging.getLogger("apt_salience")
+
+#: Every ``salience.mode`` x ``kurtosis.combine`` combination: column name -> tracker config.
+TRACKER_SETTINGS: Dict[str, Dict[str, Any]] = {
+    f"{mode}+{comb}": {"salience": {"mode": mode}, "kurtosis": {"combine": comb}}
+    for mode in ("compressed", "taylor", "fisher")
+    for comb in ("add", "scaled")
+}
+#: (allocation, calibration) pairs measured on the validation split.
+DEFAULT_OPTIONS: Tuple[Tuple[str, str], ...] = (("global", "none"), ("global", "site_mean"), ("uniform", "none"))
+PAPER_DEFAULT = ("compressed+add", "global", "none")
+BASELINES = ("magnitude", "random", "wanda", "weight_taylor")
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    m = module
+    while hasattr(m, "base_layer") and hasattr(m, "lora_A"):
+        m = m.base_layer  # type: ignore[assignment]
+    return type(m).__name__ == "Conv1D"
+
+
+def _base_weight(module: nn.Module) -> nn.Parameter:
+    m = module
+    while hasattr(m, "base_layer") and hasattr(m, "lora_A"):
+        m = m.base_layer  # type: ignore[assignment]
+    return m.weight  # type: ignore[return-value]
+
+
+def block_groups(model: nn.Module, config: ConfigLike = None,
+                 kinds: Sequence[str] = ("head", "neuron")) -> List[Tuple[Site, List[nn.Module]]]:
+    """``[(site, producers)]`` in model order: each head / neuron site and the linears writing its input.
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> m = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        ...     intermediate_size=64, vocab_size=100))
+        >>> [(s.kind, len(p)) for s, p in block_groups(m)]
+        [('head', 3), ('neuron', 1)]
+    """
+    sites, _ = find_sites(model, load_config(config))
+    return [(s, _producers(model, s)) for s in sites if s.kind in kinds]
+
+
+def _column_products(module: nn.Module, grad: Tensor) -> Tensor:
+    """``sum_o W[o, c] * G[o, c]`` per input column c (float64), G in the parameter's own layout."""
+    w = _base_weight(module).detach()
+    prod = w.double() * grad.detach().double()
+    return prod.sum(1) if _is_conv1d(module) else prod.sum(0)
+
+
+def _row_products(module: nn.Module, grad: Tensor) -> Tensor:
+    """``sum_i W[r, i] * G[r, i]`` per output row r (float64)."""
+    w = _base_weight(module).detach()
+    prod = w.double() * grad.detach().double()
+    return prod.sum(0) if _is_conv1d(module) else prod.sum(1)
+
+
+def weight_taylor_scores(model: nn.Module, config: ConfigLike = None,
+                         kinds: Sequence[str] = ("head", "neuron")) -> Dict[str, Tensor]:
+    """``|sum over the block's weights of w * w.grad|`` per head / neuron block, from the current ``.grad``.
+
+    The block's weights: its input columns of the site and the matching output rows of the
+    producers (:func:`block_groups`). A weight without ``.grad`` contributes nothing. Returns
+    float64 CPU tensors ``{kind: [num_blocks]}`` in the tracker's block order.
+
+    Example:
+        >>> from torch import nn
+        >>> m = nn.Sequential(nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2)))  # up "0.0", down "0.1"
+        >>> m(torch.ones(1, 2)).sum().backward()
+        >>> cfg = {"architecture": "custom", "sites": {"neurons": r"0[.]1"}}
+        >>> s = weight_taylor_scores(m, cfg)["neuron"]
+        >>> w0, w1 = m[0][0].weight, m[0][1].weight
+        >>> ref = ((w1 * w1.grad).sum(0) + (w0 * w0.grad).sum(1)).abs()
+        >>> bool(torch.allclose(s, ref.double()))
+        True
+    """
+    out: Dict[str, List[Tensor]] = {k: [] for k in kinds}
+    for site, prods in block_groups(model, config, kinds):
+        per_ch = torch.zeros(site.in_features, dtype=torch.float64)
+        g = _base_weight(site.module).grad
+        if g is not None:
+            per_ch += _column_products(site.module, g).cpu()
+        for p in prods:
+            gp = _base_weight(p).grad
+            if gp is not None:
+                per_ch += _row_products(p, gp).cpu()
+        out[site.kind].append(per_ch.view(-1, site.block_size).sum(1).abs())
+    return {k: torch.cat(v) for k, v in out.items() if v}
+
+
+class WeightTaylor:
+    """Streams weight-gradient Taylor scores during training, aggregated like the tracker.
+
+    Per optimizer step: the signed ``sum w * dL/dw`` over each block's weights (all backward
+    passes of the step, read by tensor hooks on the weights, so before clipping or
+    ``zero_grad``), then its absolute value; folded into an EMA with ``ema_beta`` at every
+    :meth:`step` (0.85: the tracker's default, ``update_frequency`` 1). Duck-types the parts of a
+    tracker that :func:`apt_salience.demo.finetune` uses (``token_mask``, ``step``).
+
+    Example:
+        >>> from torch import nn
+        >>> m = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2))
+        >>> wt = WeightTaylor(m, {"architecture": "custom", "sites": {"neurons": "1"}}, ema_beta=0.0)
+        >>> m(torch.ones(1, 2)).sum().backward(); wt.step()
+        True
+        >>> bool(torch.allclose(wt.scores()["neuron"], weight_taylor_scores(m, {"architecture": "custom",
+        ...     "sites": {"neurons": "1"}})["neuron"]))
+        True
+        >>> wt.detach()
+    """
+
+    def __init__(self, model: nn.Module, config: ConfigLike = None, *, ema_beta: float = 0.85,
+                 kinds: Sequence[str] = ("head", "neuron")):
+        if isinstance(ema_beta, bool) or not isinstance(ema_beta, (int, float)) or not 0 <= ema_beta < 1:
+            raise ValueError(f"ema_beta must be a number with 0 <= ema_beta < 1, got {ema_beta!r}")
+        self.ema_beta = float(ema_beta)
+        self._groups = block_groups(model, config, kinds)
+        self._step_sum: List[Tensor] = [torch.zeros(s.in_features, dtype=torch.float64) for s, _ in self._groups]
+        self._ema: Dict[str, Tensor] = {}
+        self._seen = False
+        self._handles: List[RemovableHandle] = []
+        self.steps = 0
+        for i, (site, prods) in enumerate(self._groups):
+            w = _base_weight(site.module)
+            if w.requires_grad:
+                self._handles.append(w.register_hook(self._make_hook(i, site.module, columns=True)))
+            for p in prods:
+                wp = _base_weight(p)
+                if wp.requires_grad:
+                    self._handles.append(wp.register_hook(self._make_hook(i, p, columns=False)))
+
+    def _make_hook(self, i: int, module: nn.Module, columns: bool) -> Callable[[Tensor], None]:
+        def hook(g: Tensor) -> None:
+            with torch.no_grad():
+                v = _column_products(module, g) if columns else _row_products(module, g)
+                self._step_sum[i] += v.cpu()
+            self._seen = True
+
+        return hook
+
+    @contextlib.contextmanager
+    def token_mask(self, mask: Tensor) -> Iterator["WeightTaylor"]:
+        """No-op (weight gradients already exclude padding through the loss); for tracker compatibility."""
+        yield self
+
+    def step(self) -> bool:
+        """Close one optimizer step; returns True when the step saw a gradient."""
+        self.steps += 1
+        if not self._seen:
+            return False
+        per_kind: Dict[str, List[Tensor]] = {}
+        for (site, _), acc in zip(self._groups, self._step_sum):
+            per_kind.setdefault(site.kind, []).append(acc.view(-1, site.block_size).sum(1).abs())
+            acc.zero_()
+        b = self.ema_beta
+        for k, v in per_kind.items():
+            cur = torch.cat(v)
+            self._ema[k] = b * self._ema.get(k, torch.zeros_like(cur)) + (1 - b) * cur
+        self._seen = False
+        return True
+
+    def scores(self) -> Dict[str, Tensor]:
+        """``{kind: EMA score per block}`` (float64 CPU)."""
+        if not self._ema:
+            raise RuntimeError("WeightTaylor has seen no gradient yet: call step() after a backward pass")
+        return {k: v.clone() for k, v in self._ema.items()}
+
+    def detach(self) -> None:
+        """Remove the weight hooks (idempotent)."""
+        while self._handles:
+            self._handles.pop().remove()
+
+
+class ActivationNorms:
+    """Per-input-channel ``sum x^2`` at every head / neuron site over the forwards it sees (Wanda's ``||X||``).
+
+    Use :meth:`token_mask` to exclude padding. Works with or without gradients.
+
+    Example:
+        >>> from torch import nn
+        >>> m = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2))
+        >>> with ActivationNorms(m, {"architecture": "custom", "sites": {"neurons": "1"}}) as norms:
+        ...     _ = m(torch.ones(4, 2))
+        >>> bool(torch.allclose(norms.norms()["1"], (m[0](torch.ones(4, 2)) ** 2).sum(0).sqrt().double()))
+        True
+    """
+
+    def __init__(self, model: nn.Module, config: ConfigLike = None, kinds: Sequence[str] = ("head", "neuron")):
+        sites, _ = find_sites(model, load_config(config))
+        self.sites = [s for s in sites if s.kind in kinds]
+        self._sq = {s.name: torch.zeros(s.in_features, dtype=torch.float64) for s in self.sites}
+        self._mask: Optional[Tensor] = None
+        self._handles = [s.module.register_forward_pre_hook(self._make_hook(s)) for s in self.sites]
+
+    def _make_hook(self, site: Site) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Tuple[Any, ...]) -> None:
+            x = next((a for a in args if isinstance(a, Tensor)), None)
+            if x is None:
+                return
+            with torch.no_grad():
+                x2 = x.detach().reshape(-1, site.in_features).double()
+                if self._mask is not None:
+                    if self._mask.numel() != x2.shape[0]:
+                        raise ValueError(
+                            f"token_mask has {self._mask.numel()} tokens but site '{site.name}' sees {x2.shape[0]}"
+                        )
+                    x2 = x2[self._mask.to(x2.device)]
+                self._sq[site.name] += (x2 * x2).sum(0).cpu()
+
+        return hook
+
+    @contextlib.contextmanager
+    def token_mask(self, mask: Tensor) -> Iterator["ActivationNorms"]:
+        """Count only the tokens where ``mask`` ([batch, sequence]) is non-zero."""
+        prev = self._mask
+        self._mask = mask.detach().reshape(-1) != 0
+        try:
+            yield self
+        finally:
+            self._mask = prev
+
+    def norms(self) -> Dict[str, Tensor]:
+        """``{site: ||X_c||_2 per input channel}`` (float64 CPU)."""
+        return {k: v.sqrt() for k, v in self._sq.items()}
+
+    def detach(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def __enter__(self) -> "ActivationNorms":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.detach()
+
+
+def wanda_scores(model: nn.Module, norms: Mapping[str, Tensor], config: ConfigLike = None,
+                 kinds: Sequence[str] = ("head", "neuron")) -> Dict[str, Tensor]:
+    """Wanda-style block score ``sum_{c in block} (sum_o |W[o, c]|) * ||X_c||_2`` (site input columns).
+
+    ``norms``: ``{site name: ||X_c||_2}`` as :meth:`ActivationNorms.norms` returns.
+
+    Example:
+        >>> from torch import nn
+        >>> m = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2))
+        >>> cfg = {"architecture": "custom", "sites": {"neurons": "1"}}
+        >>> s = wanda_scores(m, {"1": torch.tensor([1.0, 0.0, 2.0])}, cfg)["neuron"]
+        >>> bool(torch.allclose(s, (m[1].weight.abs().sum(0) * torch.tensor([1.0, 0.0, 2.0])).double()))
+        True
+    """
+    sites, _ = find_sites(model, load_config(config))
+    out: Dict[str, List[Tensor]] = {k: [] for k in kinds}
+    for s in sites:
+        if s.kind not in out:
+            continue
+        if s.name not in norms:
+            raise ValueError(f"norms has no entry for site '{s.name}' (has: {sorted(norms)[:4]}...)")
+        n = torch.as_tensor(norms[s.name]).double().cpu().reshape(-1)
+        if n.numel() != s.in_features:
+            raise ValueError(f"norms['{s.name}'] has {n.numel()} channels, the site has {s.in_features}")
+        col = linear_weight(s.module).detach().double().abs().sum(0).cpu()
+        out[s.kind].append((col * n).view(-1, s.block_size).sum(1))
+    return {k: torch.cat(v) for k, v in out.items() if v}
+
+
+# ------------------------------------------------------------------------------------------------
+# The comparison
+
+
+@dataclass
+class Comparison:
+    """Results of :func:`compare_criteria`.
+
+    ``val``: ``{(column, allocation, calibration, budget): accuracy}`` (validation, retraining-free);
+    ``test``: ``{(column, allocation, calibration, budget, recovered): accuracy}``;
+    ``dense``: ``{"val": acc, "test": acc}``; ``recommended``: (column, allocation, calibration);
+    ``settings``: the arguments; ``timings``: seconds per phase.
+    """
+
+    budgets: Tuple[float, ...]
+    val: Dict[Tuple[str, str, str, float], float] = field(default_factory=dict)
+    test: Dict[Tuple[str, str, str, float, bool], float] = field(default_factory=dict)
+    dense: Dict[str, float] = field(default_factory=dict)
+    recommended: Tuple[str, str, str] = PAPER_DEFAULT
+    settings: Dict[str, Any] = field(default_factory=dict)
+    timings: Dict[str, float] = field(default_factory=dict)
+    random_runs: Dict[Tuple[str, str, float, bool], List[float]] = field(default_factory=dict)
+
+    def columns(self) -> List[str]:
+        return list(TRACKER_SETTINGS) + list(BASELINES)
+
+    def test_row(self, allocation: str, calibration: str, budget: float, recovered: bool) -> Dict[str, float]:
+        return {c: self.test[k] for c in self.columns() if (k := (c, allocation, calibration, budget, recovered)) in self.test}
+
+    def meets_bar(self) -> Dict[str, Any]:
+        """Whether the recommended column beats every other column at every budget (test, retraining-free)
+        and stays within 5 points of dense at the largest budget."""
+        col, alloc, cal = self.recommended
+        beats = {}
+        for b in self.budgets:
+            row = self.test_row(alloc, cal, b, False)
+            mine = row.get(col, float("nan"))
+            beats[b] = all(mine > v for c, v in row.items() if c != col)
+        top = max(self.budgets)
+        gap = self.dense.get("test", float("nan")) - self.test.get((col, alloc, cal, top, False), float("nan"))
+        return {"beats_every_column": beats, "gap_to_dense_at_%g" % top: gap,
+                "meets": all(beats.values()) and gap <= 0.05}
+
+    def to_markdown(self) -> str:
+        """The tables: test (retraining-free, recovered), paper default, validation sweep."""
+        col, alloc, cal = self.recommended
+        lines: List[str] = []
+        pct = lambda b: f"{round(b * 100)}%"  # noqa: E731
+        cols = self.columns()
+        lines.append(f"Dense accuracy: test {self.dense.get('test', float('nan')):.3f}, "
+                     f"validation {self.dense.get('val', float('nan')):.3f}.")
+        lines.append("")
+        lines.append(f"Recommended (chosen on validation): **{col}**, allocation `{alloc}`, calibration `{cal}`.")
+        lines.append("")
+        for recovered in (False, True):
+            if not any(k[4] == recovered for k in self.test):
+                continue
+            title = "after a short recovery fine-tune" if recovered else "retraining-free"
+            lines.append(f"Test accuracy, {title}; every column selected with allocation `{alloc}`, "
+                         f"calibration `{cal}` (random: mean of {len(self.settings.get('random_seeds', ()))} seeds):")
+            lines.append("")
+            lines.append("| kept | " + " | ".join(cols) + " |")
+            lines.append("|---|" + "---|" * len(cols))
+            for b in self.budgets:
+                row = self.test_row(alloc, cal, b, recovered)
+                best = max(row.values()) if row else float("nan")
+                cells = []
+                for c in cols:
+                    v = row.get(c)
+                    cells.append("" if v is None else (f"**{v:.3f}**" if v == best else f"{v:.3f}"))
+                lines.append(f"| {pct(b)} | " + " | ".join(cells) + " |")
+            lines.append("")
+        pc, pa, pl = PAPER_DEFAULT
+        if (pa, pl) != (alloc, cal):
+            lines.append(f"The paper's default ({pc}, allocation `{pa}`, calibration `{pl}`), test accuracy:")
+            lines.append("")
+            lines.append("| kept | retraining-free | recovered |")
+            lines.append("|---|---|---|")
+            for b in self.budgets:
+                a = self.test.get((pc, pa, pl, b, False))
+                r = self.test.get((pc, pa, pl, b, True))
+                lines.append(f"| {pct(b)} | {'' if a is None else f'{a:.3f}'} | {'' if r is None else f'{r:.3f}'} |")
+            lines.append("")
+        opts = sorted({(k[1], k[2]) for k in self.val})
+        if opts:
+            lines.append("Validation accuracy (retraining-free) of every tracker setting under every option "
+                         "(the recommended setting is the best mean over the budgets):")
+            lines.append("")
+            lines.append("| setting | allocation | calibration | " + " | ".join(pct(b) for b in self.budgets) + " | mean |")
+            lines.append("|---|---|---|" + "---|" * (len(self.budgets) + 1))
+            names = sorted({k[0] for k in self.val}, key=lambda n: cols.index(n) if n in cols else 99)
+            for name in names:
+                for a, c in opts:
+                    vals = [self.val.get((name, a, c, b)) for b in self.budgets]
+                    if any(v is None for v in vals):
+                        continue
+                    mean = sum(vals) / len(vals)  # type: ignore[arg-type]
+                    lines.append(f"| {name} | {a} | {c} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {mean:.3f} |")
+            lines.append("")
+        return "\n".join(lines)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "budgets": list(self.budgets),
+            "dense": self.dense,
+            "recommended": list(self.recommended),
+            "val": [[*k, v] for k, v in self.val.items()],
+            "test": [[*k, v] for k, v in self.test.items()],
+            "random_runs": [[*k, v] for k, v in self.random_runs.items()],
+            "settings": self.settings,
+            "timings": self.timings,
+        }
+
+
+def _cache_key(settings: Mapping[str, Any]) -> str:
+    keys = ("seed", "train_size", "val_size", "test_size", "steps", "batch_size", "lr", "max_length", "calib_size")
+    text = json.dumps({k: settings[k] for k in keys}, sort_keys=True) + "|v2"
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _prune_copy(model: nn.Module, selection: Any) -> nn.Module:
+    from .pruning import prune_model
+
+    m = copy.deepcopy(model)
+    prune_model(m, selection)
+    return m
+
+
+def compare_criteria(
+    *,
+    seed: int = 0,
+    budgets: Sequence[float] = (0.7, 0.5, 0.4),
+    train_size: Optional[int] = None,
+    val_size: int = 200,
+    test_size: int = 400,
+    steps: int = 100,
+    batch_size: int = 16,
+    lr: float = 1e-4,
+    max_length: int = 64,
+    recovery_steps: int = 6,
+    recovery_lr: float = 5e-5,
+    options: Sequence[Tuple[str, str]] = DEFAULT_OPTIONS,
+    random_seeds: Sequence[int] = (0, 1, 2),
+    calib_size: int = 128,
+    cache_dir: Optional[Union[str, Path]] = None,
+    recover: bool = True,
+    progress: bool = False,
+    log: Optional[Callable[[str], None]] = None,
+) -> Comparison:
+    """Fine-tune MiniLM once with every tracker setting attached, prune with every criterion, evaluate.
+
+    See the module docstring for the protocol. ``cache_dir`` (e.g. ``/tmp/apt_salience_quality``)
+    keeps the fine-tuned weights and all scores between runs. ``log`` receives progress lines.
+
+    Example:
+        >>> from apt_salience.quality import compare_criteria
+        >>> callable(compare_criteria)
+        True
+    """
+    from . import demo
+    from .scores import SalienceScores
+    from .selection import select_blocks
+    from .tracker import attach
+
+    budgets = tuple(float(b) for b in budgets)
+    for b in budgets:
+        if not 0 < b <= 1:
+            raise ValueError(f"budgets must be fractions in (0, 1], got {b!r}")
+    for a, c in options:
+        if (a, c) == ("", ""):
+            raise ValueError("options must be (allocation, calibration) pairs")
+    say = log or (lambda s: logger.info("%s", s))
+    settings = dict(seed=seed, budgets=list(budgets), train_size=train_size, val_size=val_size, test_size=test_size,
+                    steps=steps, batch_size=batch_size, lr=lr, max_length=max_length, recovery_steps=recovery_steps,
+                    recovery_lr=recovery_lr, options=[list(o) for o in options], random_seeds=list(random_seeds),
+                    calib_size=calib_size, recover=recover, torch_threads=torch.get_num_threads(),
+                    machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
+                    torch=torch.__version__)
+    result = Comparison(budgets=budgets, settings=settings)
+    t0 = time.time()
+
+    tr_x, tr_y, te_x, te_y = demo.load_tweets(seed, test_size=test_size)
+    va_x, va_y = tr_x[:val_size], tr_y[:val_size]
+    tr_x, tr_y = tr_x[val_size:], tr_y[val_size:]
+    if train_size is not None:
+        tr_x, tr_y = tr_x[:train_size], tr_y[:train_size]
+
+    model, tok = demo.load_minilm_classifier(seed=seed)
+    cache: Optional[Path] = None
+    if cache_dir is not None:
+        cache = Path(cache_dir) / f"quality_{_cache_key(settings)}.pt"
+    state: Optional[Dict[str, Any]] = None
+    if cache is not None and cache.is_file():
+        state = torch.load(cache, weights_only=False)
+        model.load_state_dict(state["model"])
+        say(f"loaded the fine-tuned model and scores from {cache}")
+    else:
+        trackers = {name: attach(model, cfg) for name, cfg in TRACKER_SETTINGS.items()}
+        wt = WeightTaylor(model)
+        say(f"fine-tuning {steps} steps x {batch_size} with {len(trackers)} trackers + weight Taylor attached")
+        demo.finetune(model, tok, tr_x, tr_y, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                      trackers=[*trackers.values(), wt], max_length=max_length, progress=progress)
+        readings = {n: t.scores().to_dict() for n, t in trackers.items()}
+        for t in trackers.values():
+            t.detach()
+        wt.detach()
+        calib = tr_x[:calib_size]
+        with ActivationNorms(model) as an:
+            model.eval()
+            with torch.no_grad():
+                for i in range(0, len(calib), 64):
+                    enc = tok(calib[i : i + 64], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+                    with an.token_mask(enc["attention_mask"]):
+                        model(**enc)
+        state = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "readings": readings,
+                 "weight_taylor": wt.scores(), "norms": an.norms()}
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(state, cache)
+    model.eval()
+    result.timings["finetune_and_scores"] = time.time() - t0
+
+    readings = {n: SalienceScores.from_dict(d) for n, d in state["readings"].items()}
+    layout_scores = readings[PAPER_DEFAULT[0]]
+    criteria: Dict[str, Union[str, Dict[str, Tensor]]] = {n: "outlier_aware" for n in TRACKER_SETTINGS}
+    criteria["magnitude"] = magnitude_scores(model)
+    criteria["wanda"] = wanda_scores(model, state["norms"])
+    criteria["weight_taylor"] = state["weight_taylor"]
+    sizes = {k: len(getattr(layout_scores, k)) for k in ("head", "neuron")}
+
+    def evaluate(m: nn.Module, split: str) -> float:
+        x, y = (va_x, va_y) if split == "val" else (te_x, te_y)
+        return demo.evaluate(m, tok, x, y, max_length=max_length)
+
+    def selection(name: str, alloc: str, cal: str, b: float, rseed: int = 0) -> Any:
+        sc = readings.get(name, layout_scores)
+        spec = criteria.get(name) if name != "random" else random_scores(sizes, seed=rseed)
+        return select_blocks(sc, keep_ratio=b, kinds=("head", "neuron"), score=spec, allocation=alloc,  # type: ignore[arg-type]
+                             calibration=cal)
+
+    t1 = time.time()
+    result.dense = {"val": evaluate(model, "val"), "test": evaluate(model, "test")}
+    say(f"dense accuracy: val {result.dense['val']:.3f}, test {result.dense['test']:.3f}")
+
+    # validation sweep over every tracker setting x option
+    for name in TRACKER_SETTINGS:
+        for alloc, cal in options:
+            for b in budgets:
+                acc = evaluate(_prune_copy(model, selection(name, alloc, cal, b)), "val")
+                result.val[(name, alloc, cal, b)] = acc
+            say(f"val {name:16s} {alloc:8s} {cal:10s} " + " ".join(f"{result.val[(name, alloc, cal, b)]:.3f}" for b in budgets))
+    result.timings["validation_sweep"] = time.time() - t1
+    best = max(((n, a, c) for n in TRACKER_SETTINGS for a, c in options),
+               key=lambda k: (sum(result.val[(k[0], k[1], k[2], b)] for b in budgets), -list(TRACKER_SETTINGS).index(k[0])))
+    result.recommended = best
+    say(f"recommended on validation: {best}")
+
+    # test: every column under the recommended option, and the paper default
+    t2 = time.time()
+    _, alloc, cal = best
+    jobs: List[Tuple[str, str, str]] = [(c, alloc, cal) for c in list(TRACKER_SETTINGS) + list(BASELINES)]
+    if (PAPER_DEFAULT[1], PAPER_DEFAULT[2]) != (alloc, cal):
+        jobs.append(PAPER_DEFAULT)
+    for name, a, c in jobs:
+        for b in budgets:
+            seeds = list(random_seeds) if name == "random" else [0]
+            free: List[float] = []
+            rec: List[float] = []
+            for rs in seeds:
+                pruned = _prune_copy(model, selection(name, a, c, b, rs))
+                free.append(evaluate(pruned, "test"))
+                if recover and recovery_steps > 0:
+                    demo.finetune(pruned, tok, tr_x, tr_y, steps=recovery_steps, batch_size=batch_size, lr=recovery_lr,
+                                  seed=seed + 1000 + rs, max_length=max_length, progress=False)
+                    rec.append(evaluate(pruned, "test"))
+            result.test[(name, a, c, b, False)] = sum(free) / len(free)
+            if rec:
+                result.test[(name, a, c, b, True)] = sum(rec) / len(rec)
+            if name == "random":
+                result.random_runs[(a, c, b, False)] = free
+                if rec:
+                    result.random_runs[(a, c, b, True)] = rec
+            say(f"test {name:16s} {a:8s} {c:10s} {b:.2f}: free {result.test[(name, a, c, b, False)]:.3f}"
+                + (f" recovered {result.test[(name, a, c, b, True)]:.3f}" if rec else ""))
+    result.timings["test"] = time.time() - t2
+    result.timings["total"] = time.time() - t0
+    return result
