@@ -544,11 +544,16 @@ class SalienceTracker:
         return dist
 
     def _sync_step(self) -> None:
+        """Sum this step's per-channel statistics over ranks: one flat all-reduce, issued here, never in a hook."""
         dist = self._dist()
         if dist is None:
             return
-        if not self._sync_checked:
-            self._check_layouts(dist)
+        if self.config.sample_every > 1 and self._steps % self.config.sample_every:
+            return  # no rank observed anything in this step (the same decision on every rank)
+        layout = self._sync_layout_key()
+        if getattr(self, "_synced_layout", None) != layout:
+            self._check_layouts(dist)  # a small fixed-size collective first: differing layouts never hang
+            self._synced_layout = layout
             self._sync_checked = True
         parts: List[Tensor] = []
         for pin, pout in self._probes.values():
@@ -564,23 +569,57 @@ class SalienceTracker:
             x.copy_(flat[offset : offset + x.numel()])
             offset += x.numel()
 
+    def _sync_layout_key(self) -> str:
+        """What every rank must agree on: the block layout, plus the settings that decide when collectives run."""
+        return f"{self._fingerprint}|uf={self.config.update_frequency}|se={self.config.sample_every}"
+
+    def _layout_summary(self) -> List[Tuple[str, int]]:
+        out: List[Tuple[str, int]] = [("update_frequency", self.config.update_frequency),
+                                      ("sample_every", self.config.sample_every)]
+        for pin, pout in self._probes.values():
+            out += [(p.key, p.channels) for p in (pin, pout) if p is not None]
+        return out
+
     def _check_layouts(self, dist: Any) -> None:
-        h = int(self._fingerprint[:12], 16)
+        """All ranks must track the same layout; otherwise every rank raises ``TrackerStateError`` (no hang)."""
+        key = self._sync_layout_key()
+        h = int(hashlib.sha256(key.encode()).hexdigest()[:12], 16)
         t = torch.tensor([h, -h], dtype=torch.int64, device=self._home)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        if int(t[0]) != -int(t[1]):
-            raise TrackerStateError(
-                f"rank {dist.get_rank()}: the tracked block layout differs across ranks (this rank's fingerprint "
-                f"{self._fingerprint}); every rank must attach to the same model architecture with the same config"
-            )
+        if int(t[0]) == -int(t[1]):
+            return
+        # every rank saw the mismatch, so every rank takes part in this gather (small, only on the error path)
+        rank = dist.get_rank()
+        detail = ""
+        try:
+            layouts: List[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(layouts, self._layout_summary())
+            mine = dict(layouts[rank])
+            for other, theirs_list in enumerate(layouts):
+                if other == rank or theirs_list == layouts[rank]:
+                    continue
+                theirs = dict(theirs_list)
+                first = next((k for k in mine if theirs.get(k) != mine[k]), None) or next(
+                    (k for k in theirs if k not in mine), None)
+                detail = (f"; first mismatch with rank {other} at '{first}': this rank has "
+                          f"{mine.get(first, 'no such site')}, rank {other} has {theirs.get(first, 'no such site')}")
+                break
+        except Exception as exc:  # pragma: no cover - the message only loses its detail
+            detail = f" (could not gather the layouts for details: {exc})"
+        raise TrackerStateError(
+            f"rank {rank}: the tracked block layout or sync settings differ across ranks{detail} (this rank's "
+            f"fingerprint {self._fingerprint}); every rank must attach to the same model architecture with the same "
+            "config (sites, salience mode, kurtosis, update_frequency, sample_every)"
+        )
 
     def _sync_moments(self, dist: Any) -> None:
         """Exact merge of every probe's window moments across ranks (counts, means, then shifted moments)."""
         probes = [p for pair in self._probes.values() for p in pair if p is not None and p.moments is not None]
         if not probes:
             return
-        ns = torch.stack([p.moments.n.to(self._home) for p in probes])
-        sums = torch.cat([(p.moments.mean * p.moments.n).to(self._home) for p in probes])
+        moms = [p.moments for p in probes if p.moments is not None]
+        ns = torch.stack([m.n.to(self._home) for m in moms])
+        sums = torch.cat([(m.mean * m.n).to(self._home) for m in moms])
         flat = torch.cat([ns, sums])
         dist.all_reduce(flat)
         n_g, sum_g = flat[: len(probes)], flat[len(probes):]
@@ -589,10 +628,15 @@ class SalienceTracker:
         off = 0
         for i, p in enumerate(probes):
             m = p.moments
+            assert m is not None
             c = m.mean.numel()
             ng = n_g[i].to(p.device)
             mg = torch.where(ng > 0, sum_g[off : off + c].to(p.device) / torch.clamp(ng, min=1), torch.zeros_like(m.mean))
             off += c
+            means.append(mg)
+            if p.order < 2:
+                continue  # only the mean is used (kurtosis source 'output')
+            # M_k about the global mean: sum_x (x - mean_r + d)^k with d = mean_r - mean_g, expanded
             d = m.mean - mg
             d2 = d * d
             shifted += [
@@ -600,11 +644,17 @@ class SalienceTracker:
                 (m.m3 + 3 * d * m.m2 + m.n * d2 * d).to(self._home),
                 (m.m4 + 4 * d * m.m3 + 6 * d2 * m.m2 + m.n * d2 * d2).to(self._home),
             ]
-            means.append(mg)
-        flat2 = torch.cat(shifted)
-        dist.all_reduce(flat2)
+        flat2 = torch.cat(shifted) if shifted else None
+        if flat2 is not None:
+            dist.all_reduce(flat2)
         off = 0
         for i, p in enumerate(probes):
+            m = p.moments
+            assert m is not None
+            if p.order < 2 or flat2 is None:
+                p.moments = Moments(n_g[i].to(p.device), means[i], torch.zeros_like(m.m2), torch.zeros_like(m.m3),
+                                    torch.zeros_like(m.m4))
+                continue
             c = p.channels
             m2, m3, m4 = (flat2[off + j * c : off + (j + 1) * c].to(p.device) for j in range(3))
             off += 3 * c
@@ -758,8 +808,14 @@ class SalienceTracker:
     # ------------------------------------------------------------------ checkpointing
 
     def state_dict(self) -> Dict[str, Any]:
-        """Everything needed to resume exactly: EMA, open window, counters, config, layout fingerprint."""
+        """Everything needed to resume exactly: EMA, open window, counters, config, layout fingerprint.
+
+        No collective is issued (safe to call on one rank only). Under torch.distributed the open
+        window's statistics and the drop counters are this rank's own: save one state per rank
+        and load each into the same rank (the EMA and the published scores are the same on all ranks).
+        """
         self._commit()
+        dist = self._dist()
         probes = {}
         for pin, pout in self._probes.values():
             for p in (pin, pout):
@@ -777,6 +833,9 @@ class SalienceTracker:
             "ema": {k: {f: t.detach().cpu().clone() for f, t in d.items()} for k, d in self._ema.items()},
             "probes": probes,
             "scores": self._scores.to_dict() if self._scores is not None else None,
+            # informational: under torch.distributed the open window and the drop counters are this rank's own
+            "rank": dist.get_rank() if dist is not None else 0,
+            "world_size": dist.get_world_size() if dist is not None else 1,
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -784,12 +843,31 @@ class SalienceTracker:
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
             raise TrackerStateError(f"not an apt_salience tracker state (version {state.get('version') if isinstance(state, dict) else None!r})")
         if state["fingerprint"] != self._fingerprint:
-            mine = {p.key: p.channels for pair in self._probes.values() for p in pair if p is not None}
-            theirs = {k: int(next(iter(v.values())).numel()) if v else -1 for k, v in state["probes"].items()}
-            first = next((k for k in mine if theirs.get(k) != mine[k]), None) or next((k for k in theirs if k not in mine), None)
-            detail = (f"first mismatch at '{first}': this model has {mine.get(first, 'no such site')} channels, the state "
-                      f"{theirs.get(first, 'no such site')}") if first else "the salience mode or kurtosis settings differ"
-            raise TrackerStateError(f"tracker state does not fit this model's block layout ({detail})")
+            mine = [(p.key, p.channels) for pair in self._probes.values() for p in pair if p is not None]
+            theirs = [(k, int(next(iter(v.values())).numel()) if v else -1) for k, v in state["probes"].items()]
+            i = next((j for j, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+            if i < max(len(mine), len(theirs)):
+                here = f"site '{mine[i][0]}' with {mine[i][1]} channels" if i < len(mine) else "no further site"
+                there = f"site '{theirs[i][0]}' with {theirs[i][1]} channels" if i < len(theirs) else "no further site"
+                detail = f"first mismatch at tracked stream #{i}: this model has {here}, the state has {there}"
+            else:
+                cfg_now, cfg_then = self.config.to_dict(), state.get("config") or {}
+                detail = (f"the salience mode or kurtosis settings differ: this tracker has salience "
+                          f"{cfg_now.get('salience')}, kurtosis {cfg_now.get('kurtosis')}; the state has salience "
+                          f"{cfg_then.get('salience')}, kurtosis {cfg_then.get('kurtosis')}")
+            raise TrackerStateError(f"tracker state does not fit this model's block layout ({detail}); load it into "
+                                    "a tracker attached to the same architecture with the same sites and config")
+        saved_cfg = state.get("config") or {}
+        mine_cfg = self.config.to_dict()
+        changed = sorted(k for k in set(saved_cfg) | set(mine_cfg) if saved_cfg.get(k) != mine_cfg.get(k))
+        if changed:
+            warnings.warn(
+                "apt_salience: the loaded tracker state was saved with a different config for "
+                + ", ".join(f"{k} ({saved_cfg.get(k)!r} -> {mine_cfg.get(k)!r})" for k in changed)
+                + "; this tracker keeps its own config",
+                SalienceWarning,
+                stacklevel=2,
+            )
         dev = self._home
         self._steps = int(state["steps"])
         self._publications = int(state["publications"])
@@ -800,7 +878,8 @@ class SalienceTracker:
             self._win[k].copy_(v.to(dev))
         for k, d in state["ema"].items():
             for f, t in d.items():
-                self._ema[k][f].copy_(t.to(dev))
+                if f in self._ema[k]:  # 'uncertainty' only when uncertainty_beta is set on both sides
+                    self._ema[k][f].copy_(t.to(dev))
         for pin, pout in self._probes.values():
             for p in (pin, pout):
                 if p is None:
