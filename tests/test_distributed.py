@@ -15,6 +15,8 @@ below compare them with single-process references computed here:
   activations (only parameters are sharded).
 * A non-finite micro-batch on rank 1 only: dropped, counted globally (rank 0 warns about it too).
 * ``sync: off``: rank 0 steps alone (would block if a collective were issued) and publishes local scores.
+* The Trainer under DDP (accelerate reuses the process group): both ranks agree, each writes its own
+  tracker file into the checkpoint, and a resumed run ends with the uninterrupted run's scores.
 * Different block layouts on the two ranks (2 vs 3 encoder layers): both ranks raise, within the
   process group's timeout, before any flat all-reduce.
 """
@@ -139,6 +141,37 @@ def _sync_off(rank: int, dist: Any) -> Dict[str, Any]:
     return out
 
 
+def _hf_trainer(rank: int, outdir: str) -> Dict[str, Any]:
+    """The Trainer under DDP (accelerate picks up the process group): uninterrupted vs resumed at step 3."""
+    import io
+
+    from transformers import Trainer, TrainingArguments
+
+    from apt_salience.integrations.huggingface import SalienceCallback, state_file_name
+
+    g = torch.Generator().manual_seed(7)
+    data = [{"input_ids": torch.randint(1, VOCAB, (SEQ,), generator=g), "labels": torch.tensor(i % 2)}
+            for i in range(32)]
+    out = os.path.join(outdir, "trainer")
+    args = TrainingArguments(output_dir=out, max_steps=6, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                             learning_rate=1e-3, save_strategy="steps", save_steps=3, logging_steps=1000,
+                             report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
+    res: Dict[str, Any] = {}
+    for name, resume in (("full", None), ("resumed", os.path.join(out, "checkpoint-3"))):
+        callback = SalienceCallback({"update_frequency": 2})
+        trainer = Trainer(model=_bert(), args=args, train_dataset=data, callbacks=[callback])
+        with contextlib.redirect_stdout(io.StringIO()):
+            trainer.train(resume_from_checkpoint=resume)
+        assert callback.tracker is not None
+        res[name] = {"scores": callback.tracker.scores().to_dict(), "steps": callback.tracker.steps,
+                     "wrapped": type(trainer.model_wrapped).__name__, "loaded_from": callback.loaded_from,
+                     "logged": sorted(e["step"] for e in trainer.state.log_history if "salience/head/mean_salience" in e)}
+        if name == "full":
+            res["files"] = sorted(f for f in os.listdir(os.path.join(out, "checkpoint-3")) if f.startswith("apt_"))
+            res["expected_file"] = state_file_name(rank, WORLD)
+    return res
+
+
 def _mismatch(rank: int) -> Dict[str, Any]:
     model = _bert(layers=2 if rank == 0 else 3)
     tracker = apt_salience.attach(model, {"update_frequency": 1})
@@ -156,7 +189,8 @@ def _mismatch(rank: int) -> Dict[str, Any]:
 def _worker(rank: int, port: int, outdir: str) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))  # the last three for the Trainer
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30))
     results: Dict[str, Any] = {}
@@ -166,6 +200,7 @@ def _worker(rank: int, port: int, outdir: str) -> None:
         ("fsdp1", lambda: _train_sharded(rank, "fsdp1")),
         ("nonfinite", lambda: _nonfinite(rank)),
         ("sync_off", lambda: _sync_off(rank, dist)),
+        ("trainer", lambda: _hf_trainer(rank, outdir)),
         ("mismatch", lambda: _mismatch(rank)),  # last: a failure here cannot disturb the others
     ]
     try:
@@ -319,3 +354,17 @@ def test_layout_mismatch_raises_on_every_rank(ranks: List[Dict[str, Any]]) -> No
         assert "differ across ranks" in got["error"]
         assert "bert.encoder.layer.2" in got["error"]  # names the first mismatch
         assert got["seconds"] < 30  # failed fast, not through the process group's timeout
+
+
+def test_trainer_under_ddp_agrees_across_ranks_and_resumes_exactly(ranks: List[Dict[str, Any]]) -> None:
+    r0, r1 = _ok(ranks[0], "trainer"), _ok(ranks[1], "trainer")
+    for r in (r0, r1):
+        assert r["full"]["wrapped"] == "DistributedDataParallel"
+        assert r["full"]["steps"] == r["resumed"]["steps"] == 6
+        assert r["full"]["logged"] == r["resumed"]["logged"] == [2, 4, 6]
+        assert r["resumed"]["loaded_from"] is not None and r["resumed"]["loaded_from"].endswith("checkpoint-3")
+        assert r["files"] == ["apt_salience_tracker_rank0.pt", "apt_salience_tracker_rank1.pt"]
+    assert (r0["expected_file"], r1["expected_file"]) == ("apt_salience_tracker_rank0.pt", "apt_salience_tracker_rank1.pt")
+    _assert_identical(r0["full"], r1["full"])
+    _assert_identical(r0["resumed"], r1["resumed"])
+    _assert_close({**r0["resumed"], "published": []}, {**r0["full"], "published": []}, rtol=1e-5)
