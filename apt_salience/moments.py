@@ -21,7 +21,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, NamedTuple, Optional
+from typing import Dict, Iterable, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -47,37 +47,106 @@ def batch_moments(x: Tensor, order: int = 4, out_dtype: torch.dtype = torch.floa
     """Moments of each column of ``x`` ([N, C]); ``order`` 1 fills only n and mean (the rest zero).
 
     The reduction runs in float32 (float64 for float64 input) over ``x - mean_f32``;
-    the small residual mean is corrected exactly in ``out_dtype``.
+    the small residual mean is corrected exactly in ``out_dtype``. Rows are processed in
+    cache-sized chunks, so the temporaries stay O(chunk x C) whatever N is.
     """
     if x.dim() != 2:
         raise ValueError(f"batch_moments expects a 2-D [tokens, channels] tensor, got shape {tuple(x.shape)}")
-    num, channels = x.shape
+    mom, _ = _moments_and_abs_sum(x, order=1 if order == 1 else 4, out_dtype=out_dtype)
+    assert mom is not None
+    return mom
+
+
+#: Rows per chunk are chosen so that one float32 chunk is about this many bytes (cache-resident).
+_CHUNK_BYTES = 1 << 20
+
+
+def _chunk_rows(channels: int, itemsize: int) -> int:
+    return max(1, _CHUNK_BYTES // max(1, itemsize * channels))
+
+
+def _row_chunks(x: Tensor, index: Optional[Tensor], rows: int, dtype: torch.dtype) -> Iterator[Tensor]:
+    """Row chunks of ``x`` (the rows listed in ``index`` when given), converted to ``dtype``."""
+    num = x.shape[0] if index is None else index.numel()
+    for i in range(0, num, rows):
+        c = x[i : i + rows] if index is None else x.index_select(0, index[i : i + rows])
+        yield c if c.dtype == dtype else c.to(dtype)
+
+
+def _moments_and_abs_sum(
+    x: Tensor,
+    order: int = 4,
+    out_dtype: torch.dtype = torch.float64,
+    index: Optional[Tensor] = None,
+    abs_sum: bool = False,
+) -> Tuple[Optional[Moments], Optional[Tensor]]:
+    """Per-column moments (``order`` 0: none, 1: mean only, else up to M4) and, with ``abs_sum``,
+    ``sum |x|`` (float32), of the rows of ``x`` [N, C] (only the rows in ``index`` when given).
+
+    One pass for the shift (the float32 column mean), then one pass over cache-sized row chunks
+    that forms ``d = x - shift`` and its power sums (and ``|x|``) while the chunk is in cache;
+    chunk sums are accumulated in float64. Never materialises a converted or masked copy of ``x``.
+    """
+    num = x.shape[0] if index is None else int(index.numel())
+    channels = x.shape[1]
+    dev = x.device
     acc = _acc_dtype(x)
-    n = torch.tensor(float(num), dtype=out_dtype, device=x.device)
+    rows = _chunk_rows(channels, torch.finfo(acc).bits // 8)
+    a64 = torch.zeros(channels, dtype=torch.float64, device=dev) if abs_sum else None
+    if not order:
+        if a64 is None:
+            return None, None
+        for c in _row_chunks(x, index, rows, x.dtype):
+            a64 += c.abs().sum(dim=0, dtype=acc)
+        return None, a64.float()
+    n = torch.tensor(float(num), dtype=out_dtype, device=dev)
     if num == 0:
-        z = torch.zeros(channels, dtype=out_dtype, device=x.device)
-        return Moments(n, z, z.clone(), z.clone(), z.clone())
-    xf = x if x.dtype == acc else x.to(acc)
-    shift = xf.mean(dim=0)
-    if order == 1:
-        # sum of (x - shift) corrects the float32 mean to float64 accuracy
-        s1 = (xf - shift).sum(dim=0).to(out_dtype)
-        mean = shift.to(out_dtype) + s1 / num
+        z = torch.zeros(channels, dtype=out_dtype, device=dev)
+        return Moments(n, z, z.clone(), z.clone(), z.clone()), (a64.float() if a64 is not None else None)
+    if index is None and x.dtype == acc:
+        shift = x.mean(dim=0)
+    else:
+        tot = torch.zeros(channels, dtype=torch.float64, device=dev)
+        for c in _row_chunks(x, index, rows, acc):
+            tot += c.sum(dim=0)
+        shift = (tot / num).to(acc)
+    full = order != 1
+    s = torch.zeros(4 if full else 1, channels, dtype=torch.float64, device=dev)
+    for c in _row_chunks(x, index, rows, acc):
+        if a64 is not None:
+            a64 += c.abs().sum(dim=0)
+        d = c - shift
+        s[0] += d.sum(dim=0)
+        if full:
+            d2 = d.square()
+            s[1] += d2.sum(dim=0)
+            s[2] += d.mul_(d2).sum(dim=0)  # d is not needed after this: d^3 in place
+            s[3] += d2.square_().sum(dim=0)
+            del d2
+        del d
+    a = a64.float() if a64 is not None else None
+    s1 = s[0].to(out_dtype)
+    c1 = s1 / num  # residual offset of the true mean from the float32 shift
+    mean = shift.to(out_dtype) + c1
+    if not full:
         z = torch.zeros_like(mean)
-        return Moments(n, mean, z, z.clone(), z.clone())
-    d = xf - shift
-    s1 = d.sum(dim=0).to(out_dtype)
-    d2 = d.square()
-    s2 = d2.sum(dim=0).to(out_dtype)
-    s3 = (d2 * d).sum(dim=0).to(out_dtype)
-    s4 = d2.square_().sum(dim=0).to(out_dtype)
-    del d, d2
-    c = s1 / num  # residual offset of the true mean from the float32 shift
-    mean = shift.to(out_dtype) + c
-    m2 = (s2 - s1 * c).clamp_min(0)
-    m3 = s3 - 3 * c * s2 + 2 * num * c**3
-    m4 = (s4 - 4 * c * s3 + 6 * c * c * s2 - 3 * num * c**4).clamp_min(0)
-    return Moments(n, mean, m2, m3, m4)
+        return Moments(n, mean, z, z.clone(), z.clone()), a
+    s2, s3, s4 = (s[i].to(out_dtype) for i in (1, 2, 3))
+    m2 = (s2 - s1 * c1).clamp_min(0)
+    m3 = s3 - 3 * c1 * s2 + 2 * num * c1**3
+    m4 = (s4 - 4 * c1 * s3 + 6 * c1 * c1 * s2 - 3 * num * c1**4).clamp_min(0)
+    return Moments(n, mean, m2, m3, m4), a
+
+
+def _prod_sum(x: Tensor, g: Tensor, index: Optional[Tensor] = None) -> Tensor:
+    """``sum_rows x * g`` per column (float32; float64 inputs summed in float64), in cache-sized chunks."""
+    acc = torch.float64 if torch.float64 in (x.dtype, g.dtype) else torch.float32
+    channels = x.shape[1]
+    rows = _chunk_rows(channels, torch.finfo(acc).bits // 8)
+    out = torch.zeros(channels, dtype=torch.float64, device=x.device)
+    for cx, cg in zip(_row_chunks(x, index, rows, acc), _row_chunks(g, index, rows, acc)):
+        out += (cx * cg).sum(dim=0)
+    return out.float()
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:

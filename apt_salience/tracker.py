@@ -33,7 +33,8 @@ from torch.utils.hooks import RemovableHandle
 
 from .architectures import Site, find_sites, linear_weight
 from .config import ConfigLike, SalienceConfig, load_config
-from .moments import Moments, batch_moments, kurtosis_from_moments, merge_moments, pool_moments
+from .moments import (Moments, _moments_and_abs_sum, _prod_sum, batch_moments, kurtosis_from_moments,
+                      merge_moments, pool_moments)
 from .scores import BlockScores, SalienceScores
 
 __all__ = ["SalienceTracker", "attach", "SalienceWarning", "TrackerStateError"]
@@ -49,6 +50,9 @@ class SalienceWarning(UserWarning):
 
 class TrackerStateError(RuntimeError):
     """The tracker was used out of order (no reading yet, detached, incompatible state)."""
+
+
+_MaskState = Tuple[Tuple[int, ...], Dict[torch.device, Tensor]]  # (mask shape, kept-token indices per device)
 
 
 def _in_backward() -> bool:
@@ -71,6 +75,7 @@ class _Probe:
     moments: Optional[Moments] = None  # float64 window moments (order 4) or mean (order 1)
     order: int = 0
     warned: bool = False
+    decoder: bool = False  # under a module path component named "decoder" (takes token_mask's decoder_mask)
 
     @property
     def key(self) -> str:
@@ -157,7 +162,8 @@ class SalienceTracker:
         self._hooks = _Hooks()
         self._attached = False
         self._paused = 0
-        self._mask: Optional[Tuple[Tuple[int, ...], Dict[torch.device, Tensor]]] = None
+        self._mask: Optional[Tuple[_MaskState, Optional[_MaskState]]] = None  # (mask, decoder mask)
+        self._recompute_mask: Optional[Tuple[_MaskState, Optional[_MaskState]]] = None
         self._pending: List[_Entry] = []
         self._scores: Optional[SalienceScores] = None
         self._steps = 0
@@ -188,7 +194,7 @@ class SalienceTracker:
             pout = self._new_probe(s, "out", s.out_features, 1, out_order, mode) if s.writes_hidden else None
             self._probes[s.name] = (pin, pout)
         self.d_model = next((s.out_features for s in sites if s.writes_hidden), 0)
-        f64 = dict(dtype=torch.float64, device=self._home)
+        f64: Dict[str, Any] = dict(dtype=torch.float64, device=self._home)
         self._counts = {k: n for k in ("head", "neuron", "adapter") if (n := sum(s.num_blocks for s in sites if s.kind == k))}
         if self.d_model:
             self._counts["hidden"] = self.d_model
@@ -202,8 +208,8 @@ class SalienceTracker:
         self._fingerprint = self._layout_fingerprint()
 
     def _new_probe(self, site: Site, side: str, channels: int, block: int, order: int, mode: str) -> _Probe:
-        f32 = dict(dtype=torch.float32, device=site.device)
-        p = _Probe(site, side, channels, block, site.device, order=order)
+        f32: Dict[str, Any] = dict(dtype=torch.float32, device=site.device)
+        p = _Probe(site, side, channels, block, site.device, order=order, decoder="decoder" in site.name.split("."))
         if mode == "compressed":
             p.step_a = torch.zeros(channels, **f32)
             p.step_b = torch.zeros(channels, **f32)
@@ -232,12 +238,20 @@ class SalienceTracker:
         pin, pout = self._probes[site.name]
 
         def hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
-            if self._paused or not torch.is_grad_enabled() or not self._attached:
+            if not self._attached:
+                return
+            if not _in_backward():
+                if self._pending:
+                    # a forward outside backward starts a new micro-batch: the previous one is complete (this
+                    # also holds for the gradient-free first pass of reentrant checkpointing)
+                    self._commit()
+                # re-computations inside backward (checkpointing) run outside the token_mask block: they use
+                # the mask of the last forward
+                self._recompute_mask = self._mask
+            if self._paused or not torch.is_grad_enabled():
                 return
             if self.config.sample_every > 1 and self._steps % self.config.sample_every:
                 return
-            if self._pending and not _in_backward():
-                self._commit()  # a new micro-batch starts: the previous one is complete
             x = _first_tensor(args, kwargs)
             if x is not None:
                 self._observe(pin, x)
@@ -251,10 +265,16 @@ class SalienceTracker:
     # ------------------------------------------------------------------ observation
 
     def _token_index(self, t: Tensor, probe: _Probe) -> Optional[Tensor]:
-        if self._mask is None:
+        masks = self._mask
+        if masks is None and self._recompute_mask is not None and _in_backward():
+            masks = self._recompute_mask
+        if masks is None:
             return None
-        shape, by_device = self._mask
+        state = masks[1] if (probe.decoder and masks[1] is not None) else masks[0]
+        shape, by_device = state
         tokens = tuple(t.shape[:-1])
+        if len(shape) > 1 and tokens == shape[:1]:
+            return None  # a pooled, per-sequence tensor (e.g. a pooler on [CLS]): no padding positions in it
         if tokens != shape and not (len(tokens) == 1 and tokens[0] == math.prod(shape)):
             raise ValueError(
                 f"token_mask shape {shape} does not match the tokens {tokens} seen at site '{probe.site.name}' "
@@ -287,11 +307,11 @@ class SalienceTracker:
         idx = self._token_index(t, probe)
         with torch.no_grad():
             x2 = t.detach().reshape(-1, probe.channels)
-            if idx is not None:
-                x2 = x2.index_select(0, idx)
-            a = torch.linalg.vector_norm(x2, ord=1, dim=0, dtype=torch.float32) if probe.step_a is not None else None
-            mom = batch_moments(x2, order=probe.order) if probe.order else None
-        keep = x2 if probe.step_t is not None else None  # taylor / fisher need H when dL/dH arrives
+            # sum |H| and the moments in one sweep over cache-sized row chunks (masked rows selected per
+            # chunk): no converted, masked or power temporaries of activation size
+            mom, a = _moments_and_abs_sum(x2, order=probe.order, index=idx, abs_sum=probe.step_a is not None)
+        # taylor / fisher need H when dL/dH arrives: a view of the activation, never a copy
+        keep = x2 if probe.step_t is not None else None
         t.register_hook(self._make_grad_hook(probe, a, mom, keep, idx))
 
     def _make_grad_hook(self, probe: _Probe, a: Optional[Tensor], mom: Optional[Moments], keep: Optional[Tensor],
@@ -301,18 +321,17 @@ class SalienceTracker:
                 return
             with torch.no_grad():
                 g2 = g.detach().reshape(-1, probe.channels)
-                if idx is not None:
-                    g2 = g2.index_select(0, idx)
                 scale = self._inv_scale(g.device)
                 checks: List[Tensor] = []
                 b = t = None
                 if a is not None:
-                    b = torch.linalg.vector_norm(g2, ord=1, dim=0, dtype=torch.float32)
+                    _, b = _moments_and_abs_sum(g2, order=0, index=idx, abs_sum=True)
+                    assert b is not None
                     if scale is not None:
                         b = b * scale
                     checks += [a, b]
                 if keep is not None:
-                    t = (keep.float() * g2.float()).sum(dim=0) if keep.dtype != torch.float64 else (keep * g2).sum(0).float()
+                    t = _prod_sum(keep, g2, idx)
                     if scale is not None:
                         t = t * scale
                     checks.append(t)
@@ -382,21 +401,35 @@ class SalienceTracker:
         return int(self._committed.item())
 
     @contextlib.contextmanager
-    def token_mask(self, mask: Tensor) -> Iterator["SalienceTracker"]:
+    def token_mask(self, mask: Tensor, decoder_mask: Optional[Tensor] = None) -> Iterator["SalienceTracker"]:
         """Exclude the tokens where ``mask`` is 0/False (padding) from the forwards inside the block.
 
-        ``mask`` has shape ``[batch, sequence]`` (e.g. a Hugging Face ``attention_mask``); a site
-        whose tokens have another shape raises ``ValueError`` naming the site.
+        ``mask`` has shape ``[batch, sequence]`` (e.g. a Hugging Face ``attention_mask``). For
+        encoder-decoder models (T5) ``decoder_mask`` applies to the sites under a module named
+        ``decoder`` (e.g. the ``decoder_attention_mask``); without it ``mask`` applies everywhere.
+        A site whose tokens have another shape raises ``ValueError`` naming the site; a pooled
+        ``[batch, channels]`` tensor (a pooler on [CLS]) has no padding and is taken whole.
+
+        Example:
+            >>> # with tracker.token_mask(batch["attention_mask"]):
+            >>> #     loss = model(**batch).loss
         """
-        if not isinstance(mask, Tensor):
-            raise TypeError(f"token_mask expects a torch.Tensor, got {type(mask).__name__}")
-        if mask.dim() == 0:
-            raise ValueError("token_mask expects a [batch, sequence] mask, got a scalar")
-        flat = mask.detach().reshape(-1)
-        keep = flat.bool() if flat.dtype == torch.bool else flat != 0
-        idx = keep.nonzero().squeeze(1)  # one synchronisation here, none in the hooks
+        states: List[Optional[_MaskState]] = []
+        for name, m in (("mask", mask), ("decoder_mask", decoder_mask)):
+            if m is None and name == "decoder_mask":
+                states.append(None)
+                continue
+            if not isinstance(m, Tensor):
+                raise TypeError(f"token_mask: {name} must be a torch.Tensor, got {type(m).__name__}")
+            if m.dim() == 0:
+                raise ValueError(f"token_mask: {name} must be a [batch, sequence] tensor, got a scalar")
+            flat = m.detach().reshape(-1)
+            keep = flat if flat.dtype == torch.bool else flat != 0
+            idx = keep.nonzero().squeeze(1)  # one synchronisation here, none in the hooks
+            states.append((tuple(m.shape), {idx.device: idx}))
         prev = self._mask
-        self._mask = (tuple(mask.shape), {idx.device: idx})
+        assert states[0] is not None
+        self._mask = (states[0], states[1])
         try:
             yield self
         finally:
@@ -474,7 +507,7 @@ class SalienceTracker:
         self._hooks.remove()
         self._attached = False
         self._pending = []
-        self._mask = None
+        self._mask = self._recompute_mask = None
 
     def refresh(self) -> None:
         """Re-read the sites and parameter counts from the current module shapes (after pruning).
@@ -766,11 +799,10 @@ class SalienceTracker:
                     s_hat = s_win
                 ema = self._ema[kind]
                 ema["salience"].mul_(beta).add_((1 - beta) * s_win)
-                prev_oa = ema["outlier_aware"].clone()
                 ema["outlier_aware"].mul_(beta).add_((1 - beta) * s_hat)
-                if cfg.uncertainty_beta is not None:
+                if cfg.uncertainty_beta is not None:  # AdaLoRA: U <- b2 U + (1 - b2) |I - I_bar| (updated I_bar)
                     b2 = cfg.uncertainty_beta
-                    ema["uncertainty"].mul_(b2).add_((1 - b2) * (s_hat - prev_oa).abs())
+                    ema["uncertainty"].mul_(b2).add_((1 - b2) * (s_hat - ema["outlier_aware"]).abs())
                 result[kind] = BlockScores.build(
                     salience=ema["salience"], kurtosis=k_info, outlier_aware=ema["outlier_aware"],
                     param_count=torch.tensor(counts[kind], dtype=torch.float64), sites=site_lists[kind],
