@@ -38,7 +38,7 @@ from torch.utils.hooks import RemovableHandle
 from .architectures import linear_dims
 from .selection import BlockLayout, Selection
 
-__all__ = ["MaskHandle", "apply_masks", "resolve_module"]
+__all__ = ["MaskHandle", "apply_masks", "resolve_module", "block_size_of"]
 
 MasksArg = Union[Selection, Mapping[str, Tensor]]
 
@@ -59,6 +59,16 @@ def resolve_module(modules: Mapping[str, nn.Module], name: str) -> Tuple[str, nn
             "computed on another model?"
         )
     raise ValueError(f"module name '{name}' is ambiguous in this model (candidates: {cands[:4]})")
+
+
+def block_size_of(layout: BlockLayout, name: str, dims: Optional[Tuple[int, int]], count: int) -> int:
+    """The site's block size from the layout, or (scores without it) from the module's input width."""
+    bs = layout.block_size.get(name)
+    if bs:
+        return int(bs)
+    if dims is not None and count and dims[0] % count == 0:
+        return dims[0] // count
+    return 1
 
 
 def _first_tensor_index(args: Tuple[Any, ...]) -> int:
@@ -89,7 +99,7 @@ class MaskHandle:
                 for name, count in layout.sites[kind]:
                     real, mod = resolve_module(modules, name)
                     dims = linear_dims(mod)
-                    bs = layout.block_size.get(name, 1)
+                    bs = block_size_of(layout, name, dims, count)
                     if dims is None or dims[0] != count * bs:
                         raise ValueError(
                             f"{kind} site '{real}' has {dims[0] if dims else 'no'} input channels but the masks "
@@ -177,7 +187,7 @@ class MaskHandle:
                 m = checked[kind]
                 for name, sl in self.layout.slices(kind).items():
                     _, _, ch = self._channel[name]
-                    bs = self.layout.block_size.get(name, 1)
+                    bs = ch.numel() // (sl.stop - sl.start)
                     ch.copy_(m[sl].repeat_interleave(bs).to(ch.device))
             if "hidden" in checked and self._hidden is not None:
                 self._hidden.copy_(checked["hidden"])
@@ -187,10 +197,10 @@ class MaskHandle:
         out: Dict[str, Tensor] = {}
         for kind in ("head", "neuron"):
             parts = []
-            for name, _ in self.layout.sites.get(kind, ()):
+            for name, count in self.layout.sites.get(kind, ()):
                 if name in self._channel:
                     ch = self._channel[name][2].cpu()
-                    parts.append(ch[:: self.layout.block_size.get(name, 1)])
+                    parts.append(ch[:: ch.numel() // count] if count else ch[:0])
             if parts:
                 out[kind] = torch.cat(parts)
         if self._hidden is not None:

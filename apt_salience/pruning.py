@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from .architectures import detect_architecture, linear_dims
-from .masks import resolve_module
+from .masks import block_size_of, resolve_module
 from .selection import BlockLayout, Selection
 
 __all__ = ["PruneReport", "PruneSpec", "PRUNE_SPECS", "prune_model", "pruned_shapes", "save_pruned", "load_pruned",
@@ -284,7 +284,7 @@ def prune_model(model: nn.Module, selection: Selection) -> PruneReport:
         for name, keep in selection.site_masks(kind).items():
             real, mod = resolve_module(modules, name)
             dims = linear_dims(mod)
-            bs = layout.block_size.get(name, 1)
+            bs = block_size_of(layout, name, dims, keep.numel())
             if dims is None or dims[0] != keep.numel() * bs:
                 raise ValueError(
                     f"{kind} site '{real}' has {dims[0] if dims else 'no'} input channels but the selection has "

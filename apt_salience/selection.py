@@ -107,7 +107,8 @@ class BlockLayout:
             counts[kind] = b.param_count.detach().to("cpu", torch.float64).reshape(-1)
             if kind != "hidden":
                 for name, _ in b.sites:
-                    bsz.setdefault(name, 1)
+                    if kind == "neuron":
+                        bsz.setdefault(name, 1)  # head sizes missing from old meta are read from the model later
                     layers.setdefault(name, name.rsplit(".", 1)[0] if "." in name else name)
         d_model = int(scores.d_model) or (sum(c for _, c in sites.get("hidden", ())) if "hidden" in sites else 0)
         return cls(sites, bsz, layers, d_model, counts, meta.get("architecture"))

@@ -141,6 +141,7 @@ def test_selection_masks_and_tracker_compose() -> None:
         masked = out(model)
         assert torch.allclose(masked, expect, atol=1e-5)
         h.remove()
+        assert torch.equal(out(model), base)  # masks detached, tracker still attached: bit-exact
         tracker.detach()
         assert torch.equal(out(model), base)
 
@@ -202,3 +203,19 @@ def test_masks_from_another_model_are_rejected() -> None:
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in wide.modules())
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in small.modules())
     assert isinstance(apply_masks(small, sel), MaskHandle)
+
+
+def test_head_block_size_read_from_model_when_meta_lacks_it() -> None:
+    import dataclasses
+
+    model = bert()
+    scores = _scores(model)
+    meta = {k: v for k, v in scores.meta.items() if k != "block_size"}
+    sel = select_blocks(dataclasses.replace(scores, meta=meta), keep_ratio=0.5, kinds=("head", "neuron"),
+                        score="salience")
+    assert not any(name in sel.layout.block_size for name, _ in sel.layout.sites["head"])
+    ref = select_blocks(scores, keep_ratio=0.5, kinds=("head", "neuron"), score="salience")
+    with apply_masks(model, ref):
+        expect = out(model)
+    with apply_masks(model, sel):
+        assert torch.equal(out(model), expect)

@@ -9,6 +9,8 @@ import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from apt_salience.scores import BlockScores, SalienceScores
@@ -147,6 +149,18 @@ def test_global_equals_brute_force_prefix_scan(seed: int) -> None:
     else:
         assert not rec
         assert sel.params_kept <= sel.budget * (1 + 1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31), ratio=st.floats(0.01, 1.0), ties=st.booleans(),
+       kinds=st.sampled_from([("head", "neuron", "hidden"), ("head", "neuron"), ("neuron", "hidden"), ("hidden",)]))
+def test_global_equals_brute_force_property(seed: int, ratio: float, ties: bool, kinds: Tuple[str, ...]) -> None:
+    rng = random.Random(seed)
+    scores = random_scores(rng, n_layers=rng.randint(1, 3), d_model=rng.randint(1, 5), ties=ties)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SelectionWarning)
+        sel = select_blocks(scores, keep_ratio=ratio, kinds=kinds)
+    assert _as_lists(sel) == brute_force_global(scores, sel.budget, kinds)
 
 
 def test_prefix_scan_is_largest_fitting_prefix_not_greedy_skip() -> None:
