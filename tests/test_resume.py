@@ -5,7 +5,7 @@ its optimizer are saved and restored with the tracker, as a training script woul
 resumes in the middle of a window (update_frequency 3, k = 4) with gradient accumulation, so the
 open window, the moments and the EMA all have to travel through the file.
 
-This file is also the script the new process runs: ``python test_resume.py resume DIR K N``.
+This file is also the script the new process runs: ``python test_resume.py resume DIR K N THREADS``.
 """
 
 from __future__ import annotations
@@ -128,7 +128,8 @@ def test_resume_in_a_new_process_equals_one_uninterrupted_run(tmp_path: Path) ->
     torch.save(tracker.state_dict(), tmp_path / "tracker.pt")
     tracker.detach()
 
-    proc = subprocess.run([sys.executable, __file__, "resume", str(tmp_path), str(K_STEPS), str(N_STEPS)],
+    proc = subprocess.run([sys.executable, __file__, "resume", str(tmp_path), str(K_STEPS), str(N_STEPS),
+                           str(torch.get_num_threads())],  # same intra-op threads as this process
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "resumed_published.json").read_text()) == ref_published[K_STEPS:]
@@ -220,7 +221,8 @@ def test_loading_something_else_is_a_clear_error() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "resume":
+    if len(sys.argv) == 6 and sys.argv[1] == "resume":
+        torch.set_num_threads(int(sys.argv[5]))
         _resume_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     else:
-        raise SystemExit(f"usage: {sys.argv[0]} resume DIR K N")
+        raise SystemExit(f"usage: {sys.argv[0]} resume DIR K N THREADS")
