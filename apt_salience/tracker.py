@@ -900,6 +900,18 @@ class SalienceTracker:
                 SalienceWarning,
                 stacklevel=2,
             )
+        dist = self._dist()
+        world = dist.get_world_size() if dist is not None else 1
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != world and float(state["counters"]["win_steps"]) > 0:
+            warnings.warn(
+                f"apt_salience: this tracker state was saved by a run with {saved_world} process(es) and is loaded into "
+                f"one with {world}: the open window's moments are per rank, so the next reading's kurtosis is approximate "
+                "(the EMA, the published scores and the window's salience sums are exact). Save and resume with the "
+                "same world size, or save right after a reading (then the window is empty).",
+                SalienceWarning,
+                stacklevel=2,
+            )
         dev = self._home
         self._steps = int(state["steps"])
         self._publications = int(state["publications"])

@@ -211,6 +211,19 @@ def test_loading_with_another_config_warns_and_keeps_the_trackers_config() -> No
         tracker.detach()
 
 
+def test_loading_an_open_window_from_another_world_size_warns() -> None:
+    state = _state_of(Net())  # one step of a 3-step window: the window is open
+    assert state["world_size"] == 1 and float(state["counters"]["win_steps"]) == 1.0
+    state["world_size"] = 2  # as saved by one rank of a two-process run
+    tracker = apt_salience.attach(Net(), CONFIG)
+    try:
+        with pytest.warns(apt_salience.SalienceWarning, match="saved by a run with 2 process"):
+            tracker.load_state_dict(state)
+        assert tracker.steps == 1
+    finally:
+        tracker.detach()
+
+
 def test_loading_something_else_is_a_clear_error() -> None:
     tracker = apt_salience.attach(Net(), CONFIG)
     try:
