@@ -214,3 +214,41 @@ def test_pruned_model_trains_with_rebuilt_optimizer() -> None:
     model(input_ids=IDS, labels=torch.tensor([0, 1])).loss.backward()
     opt.step()
     assert not torch.equal(w.detach(), w0)
+
+
+def _family(arch: str) -> nn.Module:
+    torch.manual_seed(3)
+    common = dict(vocab_size=50, hidden_size=D, num_hidden_layers=2, num_attention_heads=HEADS,
+                  intermediate_size=FFN, max_position_embeddings=32)
+    if arch in ("bert", "roberta"):
+        cls = tf.BertConfig if arch == "bert" else tf.RobertaConfig
+        cfg = cls(**common, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2, pad_token_id=1)
+        return (tf.BertForSequenceClassification if arch == "bert" else tf.RobertaForSequenceClassification)(cfg).eval()
+    cfg_cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[arch]
+    model_cls = {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM, "qwen2": tf.Qwen2ForCausalLM}[arch]
+    return model_cls(cfg_cls(**common, num_key_value_heads=KV)).eval()
+
+
+@pytest.mark.parametrize("arch", ["roberta", "mistral", "qwen2"])
+def test_other_families_prune_like_masks_and_round_trip(arch: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = _family(arch)
+    tracker = apt_salience.attach(model, {"ema_beta": 0.0})
+    model.train()
+    kwargs = {"labels": torch.tensor([0, 1])} if arch == "roberta" else {"labels": IDS}
+    model(input_ids=IDS, **kwargs).loss.backward()
+    tracker.step()
+    model.eval()
+    sel = select_blocks(tracker.scores(), keep_ratio=0.5, kinds=("head", "neuron"), score="salience",
+                        allocation="uniform", min_per_site=1)
+    assert (~sel.head).any() and (~sel.neuron).any()
+    with apply_masks(model, sel):
+        expect = out(model)
+    prune_model(model, sel)
+    assert torch.allclose(out(model), expect, atol=1e-5)
+    tracker.refresh()
+    assert [s.num_blocks for s in tracker.sites if s.kind == "neuron"] == [
+        int(m.sum()) for m in sel.site_masks("neuron").values()]
+    tracker.detach()
+    save_pruned(model, tmp_path / arch)
+    again = load_pruned(tmp_path / arch)
+    assert torch.allclose(out(again), out(model), atol=1e-6)

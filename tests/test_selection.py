@@ -231,6 +231,20 @@ def test_uniform_keeps_same_fraction_per_layer() -> None:
     assert uni.neuron.view(3, 10)[:, 5:].all()  # the most salient half of each layer
 
 
+def test_uniform_honours_min_per_site_and_previous() -> None:
+    scores = random_scores(random.Random(21), n_layers=4, d_model=4)
+    custom = {k: getattr(scores, k).outlier_aware.clone() for k in KIND_ORDER}
+    n0 = scores.neuron.sites[0][1]
+    prev = {"neuron": torch.ones(len(scores.neuron))}
+    prev["neuron"][n0 : n0 + 1] = 0.0  # first neuron of layer 1 already pruned
+    custom["neuron"][n0] = 1e6  # ... and now it would be the densest of all
+    sel = select_blocks(scores, keep_ratio=0.6, kinds=("head", "neuron"), score=custom, allocation="uniform",
+                        min_per_site=1, previous=prev)
+    assert not sel.neuron[n0]
+    assert all(m.any() for kind in ("head", "neuron") for m in sel.site_masks(kind).values())
+    assert sel.params_kept <= sel.budget
+
+
 def test_site_mean_calibration_equals_custom_calibrated_scores() -> None:
     rng = random.Random(7)
     scores = random_scores(rng, n_layers=4, d_model=5)
