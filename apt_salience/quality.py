@@ -584,7 +584,6 @@ def compare_criteria(
     criteria["magnitude"] = magnitude_scores(model)
     criteria["wanda"] = wanda_scores(model, state["norms"])
     criteria["weight_taylor"] = state["weight_taylor"]
-    sizes = {k: len(getattr(layout_scores, k)) for k in ("head", "neuron")}
 
     def evaluate(m: nn.Module, split: str) -> float:
         x, y = (va_x, va_y) if split == "val" else (te_x, te_y)
@@ -592,7 +591,7 @@ def compare_criteria(
 
     def selection(name: str, alloc: str, cal: str, b: float, rseed: int = 0) -> Any:
         sc = readings.get(name, layout_scores)
-        spec = criteria.get(name) if name != "random" else random_scores(sizes, seed=rseed)
+        spec = criteria.get(name) if name != "random" else random_scores(layout_scores, seed=rseed)
         return select_blocks(sc, keep_ratio=b, kinds=("head", "neuron"), score=spec, allocation=alloc,  # type: ignore[arg-type]
                              calibration=cal)
 
