@@ -115,7 +115,8 @@ class MaskHandle:
                         self._channel[name] = (mod, kind, torch.ones(count * bs, device=dev))
                     self._hidden_sites.append((name, mod))
             if "hidden" in self.kinds:
-                self._hidden = torch.ones(layout.d_model)
+                dev = next((p.device for _, m in self._hidden_sites for p in m.parameters()), torch.device("cpu"))
+                self._hidden = torch.ones(layout.d_model, device=dev)
             self.update(masks)
             for name, (mod, kind, _) in self._channel.items():
                 self._handles.append(mod.register_forward_pre_hook(self._make_pre_hook(name), prepend=True))
@@ -190,7 +191,7 @@ class MaskHandle:
                     bs = ch.numel() // (sl.stop - sl.start)
                     ch.copy_(m[sl].repeat_interleave(bs).to(ch.device))
             if "hidden" in checked and self._hidden is not None:
-                self._hidden.copy_(checked["hidden"])
+                self._hidden.copy_(checked["hidden"].to(self._hidden.device))
 
     def masks(self) -> Dict[str, Tensor]:
         """The current block masks (float32, CPU) of the kinds being masked."""
@@ -204,7 +205,7 @@ class MaskHandle:
             if parts:
                 out[kind] = torch.cat(parts)
         if self._hidden is not None:
-            out["hidden"] = self._hidden.clone()
+            out["hidden"] = self._hidden.detach().cpu().clone()
         return out
 
     def remove(self) -> None:

@@ -519,8 +519,12 @@ def select_blocks(
 
     Args:
         scores: a tracker reading.
-        keep_ratio: in (0, 1]: ``budget = keep_ratio * C(all)``. Exactly one of ``keep_ratio`` / ``budget``.
-        budget: the parameter budget ``C`` (head + neuron weights, scaled by ``d_m' / d_model``).
+        keep_ratio: in (0, 1]: ``budget = keep_ratio * C(all)``, ``C(all)`` being every block the scores
+            describe (blocks pruned in ``previous`` included). Exactly one of ``keep_ratio`` / ``budget``.
+        budget: the parameter budget ``C`` (head + neuron weights, scaled by ``d_m' / d_model``). With
+            grouped-query attention a head costs ``(2 + 2 n_kv / n_h) d_head d_model`` (its share of the
+            KV projections), as in the tracker's parameter counts; :func:`~apt_salience.pruning.prune_model`
+            reports what physically goes.
         kinds: which kinds are pruned; a kind left out is kept as it is (whole, or as ``previous`` has it),
             and when ``hidden`` is left out ``d_m'`` is the number of kept hidden dims (``d_model``).
         score: a :class:`~apt_salience.scores.BlockScores` field name (``"outlier_aware"``, ``"salience"``,
