@@ -120,6 +120,37 @@ def test_resumed_run_ends_with_the_uninterrupted_runs_scores(runs: Dict[str, Any
     assert sorted(_salience_logs(trainer_b)) == [2, 4, 6]  # 2 from the restored history, 4 and 6 new
 
 
+def _short_run(out: Path, data: List[Dict[str, torch.Tensor]], mask_padding: bool) -> Dict[str, Any]:
+    callback = SalienceCallback({"update_frequency": 1}, mask_padding=mask_padding)
+    args = TrainingArguments(output_dir=str(out), max_steps=2, per_device_train_batch_size=BATCH,
+                             gradient_accumulation_steps=ACCUM, learning_rate=1e-3, save_strategy="no",
+                             logging_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
+    trainer = Trainer(model=_model(0), args=args, train_dataset=data, callbacks=[callback])
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer.train()
+    assert callback.tracker is not None
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in trainer.model.modules())  # all removed
+    return callback.tracker.scores().to_dict()
+
+
+def test_mask_padding_excludes_padding_tokens(tmp_path: Path) -> None:
+    plain = [{**d, "attention_mask": torch.ones(8, dtype=torch.long)} for d in _data()]
+    padded = [{"input_ids": torch.cat([d["input_ids"], torch.zeros(4, dtype=torch.long)]),
+               "attention_mask": torch.cat([torch.ones(8, dtype=torch.long), torch.zeros(4, dtype=torch.long)]),
+               "labels": d["labels"]} for d in _data()]
+    ref = _short_run(tmp_path / "plain", plain, mask_padding=True)
+    masked = _short_run(tmp_path / "masked", padded, mask_padding=True)
+    unmasked = _short_run(tmp_path / "unmasked", padded, mask_padding=False)
+    for kind in ("head", "neuron", "hidden"):
+        for f in FIELDS:
+            r = torch.tensor(ref[kind][f], dtype=torch.float64)
+            torch.testing.assert_close(torch.tensor(masked[kind][f], dtype=torch.float64), r, rtol=1e-4,
+                                       atol=1e-6 * float(r.abs().max()), msg=f"{kind}.{f}")
+    # guard: without the mask the padding tokens' activations enter |H| and the moments
+    assert not torch.allclose(torch.tensor(unmasked["head"]["salience"]), torch.tensor(ref["head"]["salience"]),
+                              rtol=1e-2)
+
+
 def test_resume_without_a_tracker_state_warns(tmp_path: Path) -> None:
     callback = SalienceCallback(TRACK)
     args = _args(tmp_path)

@@ -14,6 +14,8 @@ What the callback does, event by event:
   torch.distributed).
 * ``on_train_end``: detaches a tracker the callback attached itself (its last reading stays
   readable through ``callback.tracker.scores()``).
+* With ``mask_padding=True``, a forward pre-hook on the model wraps every training forward in
+  ``tracker.token_mask(attention_mask, decoder_attention_mask)`` (padding tokens excluded).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Union
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -107,6 +109,10 @@ class SalienceCallback(TrainerCallback):
             in ``<output_dir>/checkpoint-<global_step>`` when the Trainer resumed.
         on_reading: optional ``fn(scores, global_step)`` called with every published reading
             (e.g. a pruner or an adapter-rank allocator).
+        mask_padding: exclude padding tokens: every training forward of the model runs inside
+            ``tracker.token_mask(attention_mask, decoder_attention_mask)`` taken from the forward's
+            keyword arguments (default False). An encoder-decoder forward without a
+            ``decoder_attention_mask`` is left unmasked (with one warning).
 
     The scalars are added to the Trainer's log entry (``trainer.state.log_history``) in
     ``on_log``; reporting integrations that run before this callback (tensorboard, wandb) see
@@ -142,6 +148,7 @@ class SalienceCallback(TrainerCallback):
         near_zero: float = 1e-3,
         resume_from: Optional[Union[str, "os.PathLike[str]"]] = None,
         on_reading: Optional[Callable[[SalienceScores, int], None]] = None,
+        mask_padding: bool = False,
     ) -> None:
         if tracker is not None and not isinstance(tracker, SalienceTracker):
             raise TypeError(f"tracker must be a SalienceTracker (or None), got {type(tracker).__name__}")
@@ -163,6 +170,10 @@ class SalienceCallback(TrainerCallback):
         self.near_zero = float(near_zero)
         self.resume_from = os.fspath(resume_from) if resume_from is not None else None
         self.on_reading = on_reading
+        self.mask_padding = bool(mask_padding)
+        self._mask_hooks: List[Any] = []
+        self._mask_stack: List[Optional[ContextManager[Any]]] = []
+        self._warned_decoder = False
         self._pending_logs: Dict[str, float] = {}
         #: the checkpoint folder the tracker state was loaded from at the last on_train_begin (or None)
         self.loaded_from: Optional[str] = None
@@ -182,6 +193,12 @@ class SalienceCallback(TrainerCallback):
                              "apt_salience.attach(model, config)")
         self._pending_logs = {}
         self.loaded_from = None
+        self._remove_mask_hooks()
+        if self.mask_padding:
+            target = model if model is not None else getattr(self.tracker, "_model", None)
+            if target is None:
+                raise ValueError("SalienceCallback(mask_padding=True) needs the Trainer's model at on_train_begin")
+            self._install_mask_hooks(target)
         folder = self._resume_folder(args, state)
         if folder is not None:
             self._load(folder, state)
@@ -220,10 +237,47 @@ class SalienceCallback(TrainerCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
+        self._remove_mask_hooks()
         if self.tracker is not None and self._owns_tracker:
             self.tracker.detach()
 
     # ------------------------------------------------------------------ helpers
+
+    def _install_mask_hooks(self, model: torch.nn.Module) -> None:
+        tracker = self._tracker()
+
+        def pre(module: torch.nn.Module, args: Any, kwargs: Dict[str, Any]) -> None:
+            ctx: Optional[ContextManager[Any]] = None
+            mask = kwargs.get("attention_mask")
+            dec = kwargs.get("decoder_attention_mask")
+            if torch.is_grad_enabled() and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+                cfg = getattr(module, "config", None)
+                if getattr(cfg, "is_encoder_decoder", False) and not isinstance(dec, torch.Tensor):
+                    if not self._warned_decoder:
+                        self._warned_decoder = True
+                        warnings.warn("apt_salience: mask_padding: this encoder-decoder forward has no "
+                                      "decoder_attention_mask, so it is not masked; pass one in the batch",
+                                      SalienceWarning, stacklevel=2)
+                else:
+                    ctx = tracker.token_mask(mask, dec if isinstance(dec, torch.Tensor) else None)
+                    ctx.__enter__()
+            self._mask_stack.append(ctx)
+
+        def post(module: torch.nn.Module, args: Any, kwargs: Dict[str, Any], output: Any) -> None:
+            if self._mask_stack:
+                ctx = self._mask_stack.pop()
+                if ctx is not None:
+                    ctx.__exit__(None, None, None)
+
+        self._mask_hooks = [
+            model.register_forward_pre_hook(pre, with_kwargs=True),
+            model.register_forward_hook(post, with_kwargs=True, always_call=True),
+        ]
+
+    def _remove_mask_hooks(self) -> None:
+        while self._mask_hooks:
+            self._mask_hooks.pop().remove()
+        self._mask_stack = []
 
     def _tracker(self) -> SalienceTracker:
         if self.tracker is None:
