@@ -16,8 +16,12 @@ from .salience import (
     neuron_param_count,
     normalize_scores,
 )
+from .masks import MaskHandle, apply_masks
+from .pruning import PruneReport, load_pruned, prune_model, save_pruned
 from .scores import BlockScores, SalienceScores
+from .selection import BlockLayout, Selection, cubic_keep_ratio, select_blocks, update_masks
 from .tracker import SalienceTracker, SalienceWarning, TrackerStateError, attach
+from .tuning import adapter_importance, grow_lora_rank, plan_rank_growth
 
 __all__ = [
     "__version__",
@@ -39,4 +43,18 @@ __all__ = [
     "head_param_count",
     "neuron_param_count",
     "hidden_param_count",
+    "select_blocks",
+    "Selection",
+    "BlockLayout",
+    "cubic_keep_ratio",
+    "update_masks",
+    "apply_masks",
+    "MaskHandle",
+    "prune_model",
+    "PruneReport",
+    "save_pruned",
+    "load_pruned",
+    "adapter_importance",
+    "plan_rank_growth",
+    "grow_lora_rank",
 ]

@@ -25,3 +25,24 @@ def test_quickstart_prints_top_and_bottom_blocks(capsys) -> None:
     assert "heads by outlier-aware density -- top:" in out and "neurons by outlier-aware density -- bottom:" in out
     assert scores.step == 4 and len(scores.head) == 3 * 4 and len(scores.neuron) == 3 * 128
     assert torch.isfinite(scores.head.density).all() and (scores.head.salience > 0).all()
+
+
+def _run_example(name: str, *args: str) -> str:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / f"{name}.py"), *args], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_prune_during_finetune_example_runs_short() -> None:
+    out = _run_example("prune_during_finetune", "--steps", "40", "--warmup", "10", "--prune-steps", "20",
+                       "--update-frequency", "5", "--alpha", "0.5")
+    assert "accuracy" in out.lower() and "param" in out.lower()
+
+
+def test_adaptive_lora_ranks_example_runs_short() -> None:
+    out = _run_example("adaptive_lora_ranks", "--steps", "30", "--grow-at", "10", "20")
+    assert "rank" in out.lower()
