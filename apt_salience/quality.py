@@ -22,7 +22,7 @@ The comparison (:func:`compare_criteria`, signature fixed for the demo CLI)::
                      test_size=400, steps=100, batch_size=16, lr=1e-4, max_length=64,
                      recovery_steps=6, recovery_lr=5e-5, options=DEFAULT_OPTIONS,
                      random_seeds=(0, 1, 2), calib_size=128, cache_dir=None,
-                     recover=True, progress=False, log=None) -> Comparison
+                     recover=True, workers=1, progress=False, log=None) -> Comparison
 
 1. splits the demo's tweets (:func:`apt_salience.demo.load_tweets`): a held-out test split, and a
    validation split carved from the training rows (never trained on);
@@ -100,7 +100,8 @@ TRACKER_SETTINGS: Dict[str, Dict[str, Any]] = {
     for comb in ("add", "scaled")
 }
 #: (allocation, calibration) pairs measured on the validation split.
-DEFAULT_OPTIONS: Tuple[Tuple[str, str], ...] = (("global", "none"), ("global", "site_mean"), ("uniform", "none"))
+DEFAULT_OPTIONS: Tuple[Tuple[str, str], ...] = (
+    ("global", "none"), ("global", "site_mean"), ("uniform", "none"), ("relative", "none"))
 PAPER_DEFAULT = ("compressed+add", "global", "none")
 BASELINES = ("magnitude", "random", "wanda", "weight_taylor")
 
@@ -448,12 +449,13 @@ class Comparison:
             lines.append("|---|---|---|" + "---|" * (len(self.budgets) + 1))
             names = sorted({k[0] for k in self.val}, key=lambda n: cols.index(n) if n in cols else 99)
             for name in names:
-                for a, c in opts:
-                    vals = [self.val.get((name, a, c, b)) for b in self.budgets]
-                    if any(v is None for v in vals):
+                for o_alloc, o_cal in opts:
+                    got = [self.val.get((name, o_alloc, o_cal, b)) for b in self.budgets]
+                    vals = [v for v in got if v is not None]
+                    if len(vals) != len(got):
                         continue
-                    mean = sum(vals) / len(vals)  # type: ignore[arg-type]
-                    lines.append(f"| {name} | {a} | {c} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {mean:.3f} |")
+                    mean = sum(vals) / len(vals)
+                    lines.append(f"| {name} | {o_alloc} | {o_cal} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {mean:.3f} |")
             lines.append("")
         return "\n".join(lines)
 
@@ -484,6 +486,52 @@ def _prune_copy(model: nn.Module, selection: Any) -> nn.Module:
     return m
 
 
+_JOB_CTX: Dict[str, Any] = {}
+
+
+def _evaluate(m: nn.Module, split: str) -> float:
+    from . import demo
+
+    x, y = _JOB_CTX[split]
+    return demo.evaluate(m, _JOB_CTX["tok"], x, y, max_length=_JOB_CTX["max_length"])
+
+
+def _run_job(job: Tuple[str, str, str, str, float, int]) -> Tuple[Tuple[Any, ...], float, Optional[float]]:
+    """One (split, column, allocation, calibration, budget, random seed): prune a copy, evaluate, maybe recover."""
+    from . import demo
+    from .selection import select_blocks
+
+    split, name, alloc, cal, b, rseed = job
+    c = _JOB_CTX
+    torch.set_num_threads(1)
+    sc = c["readings"].get(name, c["layout"])
+    spec = random_scores(c["layout"], seed=rseed) if name == "random" else c["criteria"][name]
+    sel = select_blocks(sc, keep_ratio=b, kinds=("head", "neuron"), score=spec, allocation=alloc, calibration=cal)
+    pruned = _prune_copy(c["model"], sel)
+    acc = _evaluate(pruned, split)
+    acc_rec: Optional[float] = None
+    if split == "test" and c["recover"]:
+        x, y = c["train"]
+        demo.finetune(pruned, c["tok"], x, y, steps=c["recovery_steps"], batch_size=c["batch_size"],
+                      lr=c["recovery_lr"], seed=c["seed"] + 1000 + rseed, max_length=c["max_length"], progress=False)
+        acc_rec = _evaluate(pruned, split)
+    return job, acc, acc_rec
+
+
+def _run_jobs(jobs: Sequence[Tuple[str, str, str, str, float, int]],
+              workers: int) -> Iterator[Tuple[Tuple[Any, ...], float, Optional[float]]]:
+    if workers <= 1:
+        for job in jobs:
+            yield _run_job(job)
+        return
+    import multiprocessing as mp
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with mp.get_context("fork").Pool(workers) as pool:
+        yield from pool.imap_unordered(_run_job, list(jobs))
+
+
 def compare_criteria(
     *,
     seed: int = 0,
@@ -502,6 +550,7 @@ def compare_criteria(
     calib_size: int = 128,
     cache_dir: Optional[Union[str, Path]] = None,
     recover: bool = True,
+    workers: int = 1,
     progress: bool = False,
     log: Optional[Callable[[str], None]] = None,
 ) -> Comparison:
@@ -509,6 +558,7 @@ def compare_criteria(
 
     See the module docstring for the protocol. ``cache_dir`` (e.g. ``/tmp/apt_salience_quality``)
     keeps the fine-tuned weights and all scores between runs. ``log`` receives progress lines.
+    ``workers`` > 1 evaluates the pruned models in that many forked processes (one thread each).
 
     Example:
         >>> from apt_salience.quality import compare_criteria
@@ -517,7 +567,6 @@ def compare_criteria(
     """
     from . import demo
     from .scores import SalienceScores
-    from .selection import select_blocks
     from .tracker import attach
 
     budgets = tuple(float(b) for b in budgets)
@@ -531,7 +580,7 @@ def compare_criteria(
     settings = dict(seed=seed, budgets=list(budgets), train_size=train_size, val_size=val_size, test_size=test_size,
                     steps=steps, batch_size=batch_size, lr=lr, max_length=max_length, recovery_steps=recovery_steps,
                     recovery_lr=recovery_lr, options=[list(o) for o in options], random_seeds=list(random_seeds),
-                    calib_size=calib_size, recover=recover, torch_threads=torch.get_num_threads(),
+                    calib_size=calib_size, recover=recover, workers=workers, torch_threads=torch.get_num_threads(),
                     machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
                     torch=torch.__version__)
     result = Comparison(budgets=budgets, settings=settings)
@@ -558,7 +607,7 @@ def compare_criteria(
         say(f"fine-tuning {steps} steps x {batch_size} with {len(trackers)} trackers + weight Taylor attached")
         demo.finetune(model, tok, tr_x, tr_y, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                       trackers=[*trackers.values(), wt], max_length=max_length, progress=progress)
-        readings = {n: t.scores().to_dict() for n, t in trackers.items()}
+        raw = {n: t.scores().to_dict() for n, t in trackers.items()}
         for t in trackers.values():
             t.detach()
         wt.detach()
@@ -570,7 +619,7 @@ def compare_criteria(
                     enc = tok(calib[i : i + 64], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
                     with an.token_mask(enc["attention_mask"]):
                         model(**enc)
-        state = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "readings": readings,
+        state = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "readings": raw,
                  "weight_taylor": wt.scores(), "norms": an.norms()}
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -585,27 +634,21 @@ def compare_criteria(
     criteria["wanda"] = wanda_scores(model, state["norms"])
     criteria["weight_taylor"] = state["weight_taylor"]
 
-    def evaluate(m: nn.Module, split: str) -> float:
-        x, y = (va_x, va_y) if split == "val" else (te_x, te_y)
-        return demo.evaluate(m, tok, x, y, max_length=max_length)
-
-    def selection(name: str, alloc: str, cal: str, b: float, rseed: int = 0) -> Any:
-        sc = readings.get(name, layout_scores)
-        spec = criteria.get(name) if name != "random" else random_scores(layout_scores, seed=rseed)
-        return select_blocks(sc, keep_ratio=b, kinds=("head", "neuron"), score=spec, allocation=alloc,  # type: ignore[arg-type]
-                             calibration=cal)
-
+    ctx = dict(model=model, tok=tok, readings=readings, layout=layout_scores, criteria=criteria,
+               val=(va_x, va_y), test=(te_x, te_y), train=(tr_x, tr_y), max_length=max_length,
+               recover=recover and recovery_steps > 0, recovery_steps=recovery_steps, recovery_lr=recovery_lr,
+               batch_size=batch_size, seed=seed)
+    _JOB_CTX.clear()
+    _JOB_CTX.update(ctx)
     t1 = time.time()
-    result.dense = {"val": evaluate(model, "val"), "test": evaluate(model, "test")}
+    result.dense = {"val": _evaluate(model, "val"), "test": _evaluate(model, "test")}
     say(f"dense accuracy: val {result.dense['val']:.3f}, test {result.dense['test']:.3f}")
 
     # validation sweep over every tracker setting x option
-    for name in TRACKER_SETTINGS:
-        for alloc, cal in options:
-            for b in budgets:
-                acc = evaluate(_prune_copy(model, selection(name, alloc, cal, b)), "val")
-                result.val[(name, alloc, cal, b)] = acc
-            say(f"val {name:16s} {alloc:8s} {cal:10s} " + " ".join(f"{result.val[(name, alloc, cal, b)]:.3f}" for b in budgets))
+    val_jobs = [("val", n, a, c, b, 0) for n in TRACKER_SETTINGS for a, c in options for b in budgets]
+    for job, acc, _ in _run_jobs(val_jobs, workers):
+        result.val[job[1:5]] = acc
+        say(f"val  {job[1]:18s} {job[2]:8s} {job[3]:10s} {job[4]:.2f}: {acc:.3f}")
     result.timings["validation_sweep"] = time.time() - t1
     best = max(((n, a, c) for n in TRACKER_SETTINGS for a, c in options),
                key=lambda k: (sum(result.val[(k[0], k[1], k[2], b)] for b in budgets), -list(TRACKER_SETTINGS).index(k[0])))
@@ -615,30 +658,28 @@ def compare_criteria(
     # test: every column under the recommended option, and the paper default
     t2 = time.time()
     _, alloc, cal = best
-    jobs: List[Tuple[str, str, str]] = [(c, alloc, cal) for c in list(TRACKER_SETTINGS) + list(BASELINES)]
+    cols: List[Tuple[str, str, str]] = [(c, alloc, cal) for c in list(TRACKER_SETTINGS) + list(BASELINES)]
     if (PAPER_DEFAULT[1], PAPER_DEFAULT[2]) != (alloc, cal):
-        jobs.append(PAPER_DEFAULT)
-    for name, a, c in jobs:
-        for b in budgets:
-            seeds = list(random_seeds) if name == "random" else [0]
-            free: List[float] = []
-            rec: List[float] = []
-            for rs in seeds:
-                pruned = _prune_copy(model, selection(name, a, c, b, rs))
-                free.append(evaluate(pruned, "test"))
-                if recover and recovery_steps > 0:
-                    demo.finetune(pruned, tok, tr_x, tr_y, steps=recovery_steps, batch_size=batch_size, lr=recovery_lr,
-                                  seed=seed + 1000 + rs, max_length=max_length, progress=False)
-                    rec.append(evaluate(pruned, "test"))
-            result.test[(name, a, c, b, False)] = sum(free) / len(free)
-            if rec:
-                result.test[(name, a, c, b, True)] = sum(rec) / len(rec)
-            if name == "random":
-                result.random_runs[(a, c, b, False)] = free
-                if rec:
-                    result.random_runs[(a, c, b, True)] = rec
-            say(f"test {name:16s} {a:8s} {c:10s} {b:.2f}: free {result.test[(name, a, c, b, False)]:.3f}"
-                + (f" recovered {result.test[(name, a, c, b, True)]:.3f}" if rec else ""))
+        cols.append(PAPER_DEFAULT)
+    test_jobs = [("test", n, a, c, b, rs) for n, a, c in cols for b in budgets
+                 for rs in (list(random_seeds) if n == "random" else [0])]
+    free: Dict[Tuple[str, str, str, float], List[float]] = {}
+    rec: Dict[Tuple[str, str, str, float], List[float]] = {}
+    for job, acc, acc_rec in _run_jobs(test_jobs, workers):
+        key = job[1:5]
+        free.setdefault(key, []).append(acc)
+        if acc_rec is not None:
+            rec.setdefault(key, []).append(acc_rec)
+        say(f"test {job[1]:18s} {job[2]:8s} {job[3]:10s} {job[4]:.2f} seed {job[5]}: free {acc:.3f}"
+            + (f" recovered {acc_rec:.3f}" if acc_rec is not None else ""))
+    for (n, a, c, b), v in free.items():
+        result.test[(n, a, c, b, False)] = sum(v) / len(v)
+        if n == "random":
+            result.random_runs[(a, c, b, False)] = v
+    for (n, a, c, b), v in rec.items():
+        result.test[(n, a, c, b, True)] = sum(v) / len(v)
+        if n == "random":
+            result.random_runs[(a, c, b, True)] = v
     result.timings["test"] = time.time() - t2
     result.timings["total"] = time.time() - t0
     return result

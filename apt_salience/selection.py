@@ -440,8 +440,28 @@ def _calibrate_site_mean(kind: str, values: Tensor, sites: Sequence[Tuple[str, i
     return out
 
 
+def _allocate_relative(prob: SelectionProblem, budget: float) -> Tensor:
+    """One global sort of each block's density divided by its site's mean density (alive blocks).
+
+    Scale-free across sites and kinds: multiplying one site's scores by a constant (a layer with
+    smaller gradients, another kind with other units) changes nothing, unlike ``global``; and,
+    unlike ``uniform``, sites whose scores are concentrated on a few blocks give up more of the
+    others. A site whose mean density is not positive keeps its raw density.
+    """
+    n_sites = int(prob.site.max()) + 1 if prob.site.numel() else 0
+    a = prob.alive
+    sums = torch.zeros(n_sites, dtype=torch.float64).index_add_(0, prob.site[a], prob.density[a])
+    counts = torch.bincount(prob.site[a], minlength=n_sites).double()
+    mean = sums / counts.clamp(min=1)
+    ok = (mean > 0) & torch.isfinite(mean)
+    div = torch.where(ok, mean, torch.ones_like(mean))[prob.site]
+    rel = SelectionProblem(**{**prob.__dict__, "density": prob.density / div})
+    return _allocate_global(rel, budget)
+
+
 #: Allocation strategies: name -> fn(problem, budget) -> keep (bool [N]).
-ALLOCATIONS: Dict[str, AllocationFn] = {"global": _allocate_global, "uniform": _allocate_uniform}
+ALLOCATIONS: Dict[str, AllocationFn] = {"global": _allocate_global, "uniform": _allocate_uniform,
+                                        "relative": _allocate_relative}
 #: Score calibrations applied per kind before density: name -> fn(kind, values, sites) -> values.
 CALIBRATIONS: Dict[str, CalibrationFn] = {"none": _calibrate_none, "site_mean": _calibrate_site_mean}
 

@@ -47,13 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recovery-steps", type=int, default=6)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (1 is fastest on a shared 2-core machine: measured 2-5x faster than 2)")
+    ap.add_argument("--workers", type=int, default=3,
+                    help="processes evaluating pruned models in parallel (one thread each)")
     ap.add_argument("--cache-dir", default="/tmp/apt_salience_quality")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run; prints, does not write docs/")
     ap.add_argument("--out", default=str(ROOT / "docs" / "score_quality.md"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     kw = dict(seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr, val_size=args.val_size,
-              test_size=args.test_size, recovery_steps=args.recovery_steps)
+              test_size=args.test_size, recovery_steps=args.recovery_steps, workers=args.workers)
     if args.quick:
         kw.update(steps=2, val_size=16, test_size=16, recovery_steps=1, random_seeds=(0,), calib_size=8,
                   options=(("global", "none"), ("uniform", "none")))
@@ -68,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd = "python benchmarks/score_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), torch {torch.__version__}, {args.threads} thread(s)"
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), torch {torch.__version__}, "
+               f"{args.threads} thread(s), {args.workers} evaluation worker(s)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     body = [
