@@ -440,7 +440,7 @@ def magnitude_scores(model: nn.Module, config: Any = None, kinds: Sequence[str] 
 
 
 def random_scores(scores: Any, seed: int = 0, kinds: Sequence[str] = ("head", "neuron")) -> Dict[str, Tensor]:
-    """Random baseline: ``{kind: U(0, 1) * param_count}`` per block of a reading, from ``seed``.
+    """Random baseline: ``{kind: U(0, 1) * param_count}`` per block of a reading (or a ``BlockLayout``), from ``seed``.
 
     Scaled by each block's parameter count so that the density :func:`~apt_salience.selection.select_blocks`
     ranks by (score / parameters) is uniform random whatever the kind: a global random sort.
@@ -456,10 +456,15 @@ def random_scores(scores: Any, seed: int = 0, kinds: Sequence[str] = ("head", "n
     """
     g = torch.Generator().manual_seed(seed)
     out: Dict[str, Tensor] = {}
+    counts = getattr(scores, "param_count", None)  # a BlockLayout: {kind: per-block parameter counts}
     for k in kinds:
-        b = getattr(scores, k, None)
-        if b is not None:
-            out[k] = torch.rand(len(b), generator=g, dtype=torch.float64).float() * b.param_count
+        if isinstance(counts, dict):
+            pc = counts.get(k)
+        else:
+            b = getattr(scores, k, None)
+            pc = b.param_count if b is not None else None
+        if pc is not None:
+            out[k] = torch.rand(pc.numel(), generator=g, dtype=torch.float64).float() * pc.float()
     return out
 
 

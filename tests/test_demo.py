@@ -116,6 +116,14 @@ def test_random_scores_give_uniform_density() -> None:
         assert bool(((dens >= 0) & (dens < 1)).all())
         assert abs(float(dens.mean()) - 0.5) < 0.05  # uniform on [0, 1), whatever the kind's block size
     assert torch.equal(r["head"], demo.random_scores(sc, seed=5)["head"])
+    from apt_salience.selection import BlockLayout
+
+    layout = BlockLayout(sites={"head": (("a.o", 400),), "neuron": (("a.down", 4000),)}, block_size={"a.o": 4},
+                         layers={}, d_model=8, param_count={"head": torch.full((400,), pc_head, dtype=torch.float64),
+                                                            "neuron": torch.full((4000,), pc_neuron, dtype=torch.float64)})
+    from_layout = demo.random_scores(layout, seed=5)  # a BlockLayout works the same way
+    assert set(from_layout) == {"head", "neuron"}
+    assert torch.equal(from_layout["head"], r["head"]) and torch.equal(from_layout["neuron"], r["neuron"])
     assert not torch.equal(r["head"], demo.random_scores(sc, seed=6)["head"])
 
 
