@@ -202,3 +202,18 @@ def test_meets_bar_requires_strict_win_everywhere_and_small_gap():
     assert _comparison(win, dense=0.84).meets_bar()["meets"] is False  # 6 points below dense at 70%
     md = _comparison(win).to_markdown()
     assert "| 70% |" in md and "**0.780**" in md and "taylor+scaled" in md
+
+
+def test_best_option_is_chosen_on_validation_and_enters_the_bar():
+    c = _comparison({0.7: [0.5] * 3 + [0.78] + [0.5] * 6, 0.5: [0.4] * 3 + [0.7] + [0.4] * 6})
+    for b, (u, g) in {0.7: (0.60, 0.70), 0.5: (0.55, 0.50)}.items():  # magnitude: global better on average
+        c.val[("magnitude", "uniform", "none", b)] = u
+        c.val[("magnitude", "global", "none", b)] = g
+    assert c.best_option("magnitude") == ("global", "none")  # mean 0.60 > 0.575
+    assert c.best_option("wanda") is None
+    c.test[("magnitude", "global", "none", 0.7, False)] = 0.79  # better than the recommended 0.78
+    c.test[("magnitude", "global", "none", 0.5, False)] = 0.30
+    assert c.best_option_row(0.7, False) == {"magnitude": 0.79}
+    r = c.meets_bar()
+    assert r["beats_every_column"] == {0.7: False, 0.5: True} and r["meets"] is False
+    assert "global/none" in c.to_markdown()
