@@ -443,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--eval-size", type=_positive_int, default=None, help="held-out test tweets (default 1000)")
     d.add_argument("--recovery-steps", type=int, default=None, help="recovery fine-tune steps per pruned model (default 10; 0 = none)")
     d.add_argument("--batch-size", type=_positive_int, default=None, help="batch size (default 32)")
-    d.add_argument("--allocation", default="global", help="select_blocks allocation: global (APT) or uniform")
+    d.add_argument("--allocation", default="global", help="select_blocks allocation: global (APT's single density sort, default), uniform (same share of every layer), or another registered one")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=_cmd_demo)
 

@@ -556,6 +556,10 @@ def run_demo(options: Optional[DemoOptions] = None) -> DemoResult:
     check_demo_dependencies()
     if not 0 < opts.budget <= 1:
         raise ValueError(f"budget must be a fraction in (0, 1], got {opts.budget!r}")
+    from .selection import ALLOCATIONS
+
+    if opts.allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {', '.join(sorted(ALLOCATIONS))}, got {opts.allocation!r}")
     t_start = time.perf_counter()
     timings: Dict[str, float] = {}
     out = Path(opts.out)

@@ -388,6 +388,11 @@ def test_demo_without_extra_names_the_install_command(tmp_path: Path, capsys: py
     assert not (tmp_path / "d").exists()
 
 
+def test_demo_bad_allocation_fails_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, _, err = _run(["demo", "--allocation", "everything", "--out", str(tmp_path / "d"), "--quiet"], capsys)
+    _assert_one_line_error(rc, err, "allocation", "'everything'", "global", "uniform")
+
+
 def test_bad_command_line_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         main(["profile", "--model", "x"])  # --data missing
