@@ -105,7 +105,7 @@ def _norm(values: Tensor) -> Any:
     from matplotlib.colors import LogNorm, Normalize
 
     v = values[torch.isfinite(values)]
-    if v.numel() and float(v.min()) > 0 and float(v.max()) / float(v.min()) > 100:
+    if v.numel() and float(v.min()) > 0 and float(v.max()) / float(v.min()) > 10:  # a few outliers: log colours
         return LogNorm(vmin=float(v.min()), vmax=float(v.max())), True
     lo = float(v.min()) if v.numel() else 0.0
     hi = float(v.max()) if v.numel() else 1.0
@@ -313,7 +313,7 @@ def _summary(scores: SalienceScores, keep_ratio: float, sel: Any, top: int, figu
                      f"{float(b.param_count.sum()) if kind != 'hidden' else float(b.param_count[0]):,.0f} "
                      f"{'parameters' if kind != 'hidden' else 'parameters per hidden dim'}")
     if sel is not None:
-        kept = sel.num_kept()
+        kept = {k: v for k, v in sel.num_kept().items() if k in sel.kinds}
         total = {k: int(m.numel()) for k, m in sel.masks().items()}
         lines.append(f"- budget {keep_ratio:.0%} of head + FFN parameters (outlier-aware density, "
                      f"{sel.allocation} allocation): keeps " + ", ".join(f"{kept[k]}/{total[k]} {k}s" for k in kept)
