@@ -19,7 +19,7 @@ Baseline per-block scores, in the tracker's block order (``{kind: 1-D tensor}``,
 The comparison (:func:`compare_criteria`, signature fixed for the demo CLI)::
 
     compare_criteria(*, seed=0, budgets=(0.7, 0.5, 0.4), train_size=None, val_size=200,
-                     test_size=400, steps=100, batch_size=16, lr=1e-4, max_length=64,
+                     test_size=400, steps=120, batch_size=16, lr=1e-4, max_length=64,
                      recovery_steps=6, recovery_lr=5e-5, options=DEFAULT_OPTIONS,
                      random_seeds=(0, 1, 2), calib_size=128, cache_dir=None,
                      recover=True, workers=1, progress=False, log=None) -> Comparison
@@ -582,7 +582,7 @@ def compare_criteria(
     train_size: Optional[int] = None,
     val_size: int = 200,
     test_size: int = 400,
-    steps: int = 100,
+    steps: int = 120,
     batch_size: int = 16,
     lr: float = 1e-4,
     max_length: int = 64,

@@ -39,7 +39,7 @@ from apt_salience.quality import compare_criteria  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=100, help="fine-tuning steps")
+    ap.add_argument("--steps", type=int, default=120, help="fine-tuning steps")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--val-size", type=int, default=200)
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                   options=(("global", "none"), ("uniform", "none")))
     t0 = time.time()
     log = lambda s: print(f"[{time.time() - t0:7.1f}s] {s}", flush=True)  # noqa: E731
-    res = compare_criteria(cache_dir=args.cache_dir, log=log, **kw)  # type: ignore[arg-type]
+    res = compare_criteria(cache_dir=args.cache_dir, log=log, **kw)
     table = res.to_markdown()
     bar = res.meets_bar()
     print(table)
