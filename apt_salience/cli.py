@@ -440,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--budget", type=_fraction, default=0.5, help="fraction of head + FFN parameters kept (default 0.5)")
     d.add_argument("--out", default="apt_salience_demo", help="report folder (default ./apt_salience_demo)")
     d.add_argument("--seed", type=int, default=0, help="seed of the data split, the classifier head and the batches")
-    d.add_argument("--eval-size", type=_positive_int, default=None, help="held-out test tweets (default 1000)")
+    d.add_argument("--eval-size", type=_positive_int, default=None, help="held-out tweets evaluated (default 500, of a fixed held-out set of 1000; more enlarges the held-out set)")
     d.add_argument("--recovery-steps", type=int, default=None, help="recovery fine-tune steps per pruned model (default 10; 0 = none)")
     d.add_argument("--batch-size", type=_positive_int, default=None, help="batch size (default 32)")
     d.add_argument("--allocation", default="global", help="select_blocks allocation: global (APT's single density sort, default), uniform (same share of every layer), or another registered one")

@@ -73,6 +73,7 @@ __all__ = [
     "METHODS",
     "DemoOptions",
     "DemoResult",
+    "HELD_OUT",
     "run_demo",
 ]
 
@@ -480,6 +481,10 @@ METHODS: Tuple[Tuple[str, str], ...] = (
 )
 
 
+#: Tweets held out from fine-tuning by the demo (the first ``eval_size`` of them are evaluated).
+HELD_OUT = 1000
+
+
 @dataclass
 class DemoOptions:
     """Settings of :func:`run_demo` (the ``apt-salience demo`` options)."""
@@ -488,7 +493,7 @@ class DemoOptions:
     steps: int = 100
     budget: float = 0.5
     seed: int = 0
-    eval_size: int = 1000
+    eval_size: int = 500
     recovery_steps: int = 10
     batch_size: int = 32
     lr: float = 1e-4
@@ -565,7 +570,10 @@ def run_demo(options: Optional[DemoOptions] = None) -> DemoResult:
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    tr_x, tr_y, te_x, te_y = load_tweets(opts.seed, test_size=opts.eval_size)
+    # the held-out split is fixed (HELD_OUT tweets, or more if asked), so the training set and the fine-tune
+    # do not depend on how many held-out tweets are evaluated
+    tr_x, tr_y, te_x, te_y = load_tweets(opts.seed, test_size=max(HELD_OUT, opts.eval_size))
+    te_x, te_y = te_x[: opts.eval_size], te_y[: opts.eval_size]
     majority = max(te_y.count(c) for c in range(len(LABELS))) / len(te_y)
     model, tok = load_minilm_classifier(len(LABELS), seed=opts.seed)
     if opts.freeze_embeddings:
