@@ -245,6 +245,18 @@ def render(results: Dict[str, Any], args: argparse.Namespace, command: str) -> s
                 if v != "none":
                     w(f"- {regime} / {v}: CPU {s['cpu_ratios']}; wall {s['ratios']}")
         w("")
+    if "main_earlier" in results:
+        w("Earlier run of the same variants (replaced above by a later re-run; kept for comparison):\n")
+        w("| regime | variant | rounds | CPU-time ratio (min-max) | wall-time ratio (min-max) | RSS vs none (MiB, max) |")
+        w("|---|---|---|---|---|---|")
+        for regime, vs in results["main_earlier"].items():
+            for v, s in vs.items():
+                if v == "none":
+                    continue
+                w(f"| {regime} | {LABELS[v]} | {s['n']} | {s['cpu_ratio']:.3f} ({s['cpu_ratio_min']:.3f}-"
+                  f"{s['cpu_ratio_max']:.3f}) | {s['ratio']:.3f} ({s['ratio_min']:.3f}-{s['ratio_max']:.3f}) | "
+                  f"{s['rss_delta_mib']:+.1f} ({s['rss_delta_max_mib']:+.1f}) |")
+        w("")
     if "inproc" in results:
         w("## Time inside the tracker (same processes, measured around the hooks)\n")
         w("Paired in one process, so the colleagues' load affects both sides alike: the wall time spent in the "
@@ -322,7 +334,14 @@ def main() -> None:
             cmds.append(part.get("command", "?"))
             for k, v in part.items():
                 if k == "main":
-                    merged.setdefault("main", {}).update(v)
+                    # a later file's variants replace an earlier file's (e.g. a quieter re-run of the budget
+                    # variants); the replaced figures are kept under "main_earlier" and shown too
+                    for regime, r in v.items():
+                        cur = merged.setdefault("main", {}).setdefault(regime, {"summary": {}})
+                        for var, summ in r["summary"].items():
+                            if var in cur["summary"]:
+                                merged.setdefault("main_earlier", {}).setdefault(regime, {})[var] = cur["summary"][var]
+                            cur["summary"][var] = summ
                 elif k == "log":
                     merged.setdefault("log", []).extend(v)
                 elif k == "loads":
