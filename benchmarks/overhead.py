@@ -207,7 +207,10 @@ def render(results: Dict[str, Any], args: argparse.Namespace, command: str) -> s
       "(order reversed every other round); per process the median of "
       f"{args.steps} steps after {args.warmup} warm-up steps; ratio = variant median / no-tracker median of the same "
       "round, then the median over rounds (min-max in brackets). A step = forward, backward, optimizer step, "
-      "zero_grad and `tracker.step()` (which publishes a reading every step: `update_frequency: 1`).")
+      "zero_grad and `tracker.step()` (which publishes a reading every step: `update_frequency: 1`). "
+      "The budget verdict uses the **CPU-time** ratio (`time.process_time()` per step, one thread): the 2 cores "
+      "were shared with colleagues' test runs, which made wall-clock times wait up to 6x their compute; "
+      "wall-time ratios are shown next to it.")
     w("- GPU: no device machine was lent to this task (checked with the device tool: not drawn), so every figure "
       "here is CPU.\n")
     if "main" in results:
