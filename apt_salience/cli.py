@@ -445,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=_positive_int, default=None, help="batch size (default 32)")
     d.add_argument("--allocation", default="global", help="select_blocks allocation: global (APT's single density sort, default), uniform (same share of every layer), or another registered one")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.add_argument("--compare", action="store_true",
+                   help="instead, run the full score-quality comparison of docs/score_quality.md (every salience.mode x "
+                   "kurtosis.combine, magnitude, random, Wanda, weight-gradient Taylor at 70/50/40%% kept; about 30 min)")
     d.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("profile", parents=[common], help="profile a local Hugging Face model on your data",
@@ -482,6 +485,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoOptions, check_demo_dependencies, run_demo
 
     check_demo_dependencies()
+    if args.compare:
+        from .quality import compare_criteria
+
+        kw: Dict[str, Any] = {"seed": args.seed, "workers": 2}
+        if args.steps:
+            kw["steps"] = args.steps
+        if args.recovery_steps is not None:
+            kw["recover"] = args.recovery_steps > 0
+            if args.recovery_steps > 0:
+                kw["recovery_steps"] = args.recovery_steps
+        res = compare_criteria(log=None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True)), **kw)
+        print(res.to_markdown())
+        return 0
     opts = DemoOptions(out=args.out, budget=args.budget, seed=args.seed, allocation=args.allocation,
                        progress=not args.quiet)
     for name in ("steps", "eval_size", "recovery_steps", "batch_size"):

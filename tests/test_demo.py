@@ -165,3 +165,23 @@ def test_demo_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     md = (out / "results.md").read_text()
     assert "dense (no pruning)" in md and "random" in md
     assert (out / "summary.md").read_text().count("## Head blocks") == 2
+
+
+def test_demo_compare_runs_the_score_quality_comparison(monkeypatch, capsys) -> None:
+    """``apt-salience demo --compare`` hands its options to quality.compare_criteria and prints its table."""
+    import apt_salience.quality as quality
+
+    seen = {}
+
+    class Fake:
+        def to_markdown(self) -> str:
+            return "| kept | fisher+scaled |"
+
+    def fake_compare(**kw):
+        seen.update(kw)
+        return Fake()
+
+    monkeypatch.setattr(quality, "compare_criteria", fake_compare)
+    assert main(["demo", "--compare", "--steps", "7", "--recovery-steps", "0", "--seed", "3", "--quiet"]) == 0
+    assert "| kept | fisher+scaled |" in capsys.readouterr().out
+    assert seen["steps"] == 7 and seen["seed"] == 3 and seen["recover"] is False and seen["log"] is None
