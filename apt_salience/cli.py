@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import logging
@@ -29,9 +28,8 @@ import random
 import sys
 import time
 import traceback
-import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ._version import __version__
 
@@ -161,24 +159,6 @@ def read_examples(
 # Models
 
 
-@contextlib.contextmanager
-def _hf_quiet() -> Iterator[None]:
-    from transformers.utils import logging as hf_logging
-
-    old = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        hf_logging.set_verbosity(old)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return " ".join(text.split())[:400]
@@ -226,7 +206,9 @@ def load_model(model_dir: "str | Path", task: str, labels: Optional[Sequence[str
     weights = list(d.glob("*.safetensors")) + list(d.glob("pytorch_model*.bin")) + list(d.glob("*.safetensors.index.json"))
     if not weights:
         raise CliError(f"model folder '{d}' has no weights (model.safetensors or pytorch_model.bin)")
-    with _hf_quiet():
+    from .demo import _quiet_transformers
+
+    with _quiet_transformers():
         try:
             config = AutoConfig.from_pretrained(str(d), local_files_only=True)
         except Exception as exc:

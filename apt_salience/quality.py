@@ -64,7 +64,6 @@ import copy
 import hashlib
 import json
 import logging
-import math
 import platform
 import time
 from dataclasses import dataclass, field

@@ -19,10 +19,10 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .scores import BlockScores, SalienceScores
 
