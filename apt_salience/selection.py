@@ -549,9 +549,10 @@ def select_blocks(
             and when ``hidden`` is left out ``d_m'`` is the number of kept hidden dims (``d_model``).
         score: a :class:`~apt_salience.scores.BlockScores` field name (``"outlier_aware"``, ``"salience"``,
             ...) or ``{kind: 1-D tensor}`` of custom per-block scores in the layout of ``scores``.
-        allocation: ``"global"`` (APT: one density sort over all kinds and layers) or ``"uniform"``
-            (the same fraction of every (kind, layer) group, by density within the group), or any
-            name added with :func:`register_allocation`.
+        allocation: ``"global"`` (APT: one density sort over all kinds and layers), ``"uniform"``
+            (the same fraction of every (kind, layer) group, by density within the group),
+            ``"relative"`` (each block's density relative to its site's mean density, then one global
+            sort), or any name added with :func:`register_allocation`.
         calibration: ``"none"`` or ``"site_mean"`` (each site's scores divided by the site's mean before
             density), or any name added with :func:`register_calibration`.
         min_per_site: keep at least this many blocks of every site (the most dense ones), e.g. 1 so that
