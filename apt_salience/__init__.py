@@ -2,8 +2,9 @@
 
 Example:
     >>> import apt_salience
-    >>> sorted(apt_salience.__all__)[:3]
-    ['BlockScores', 'ConfigError', 'KurtosisConfig']
+    >>> tracker_cls = apt_salience.SalienceTracker
+    >>> "attach" in apt_salience.__all__ and "select_blocks" in apt_salience.__all__
+    True
 """
 
 from ._version import __version__

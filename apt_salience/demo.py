@@ -550,11 +550,10 @@ def run_demo(options: Optional[DemoOptions] = None) -> DemoResult:
     Writes into ``options.out``: ``scores.json`` and the report figures / ``summary.md``
     (:func:`apt_salience.report.render_report`), ``results.json`` and ``results.md`` (the table).
 
-    Example (about a minute on 2 CPU cores):
-        >>> r = run_demo(DemoOptions(out="/tmp/apt_demo_doctest", steps=4, eval_size=64, recovery_steps=1,
-        ...                          progress=False))  # doctest: +SKIP
-        >>> [row["method"] for row in r.rows][0]  # doctest: +SKIP
-        'dense (no pruning)'
+    Example (about a minute on 2 CPU cores; tests/test_demo.py runs the same through the CLI)::
+
+        r = run_demo(DemoOptions(out="/tmp/apt_demo", steps=4, eval_size=64, recovery_steps=1, progress=False))
+        r.rows[0]["method"]  # 'dense (no pruning)'
     """
     import apt_salience
     from .masks import apply_masks
