@@ -125,8 +125,6 @@ def reference_readings(
     readings = []
     for w0 in range(0, len(steps) - update_frequency + 1, update_frequency):
         window = steps[w0 : w0 + update_frequency]
-        per_kind_s: Dict[str, List[np.ndarray]] = {k: [] for k in kinds}
-        hidden_s = None
         # per-step block salience, averaged over the window's steps
         step_vals = []
         for st in window:

@@ -157,7 +157,7 @@ def test_hidden_masks_seen_by_tracker() -> None:
 
 
 def test_peft_wrapped_sites_mask_base_and_adapter() -> None:
-    peft = pytest.importorskip("peft")
+    import peft  # a test dependency: a missing peft must fail, not skip
     model = bert()
     cfg = peft.LoraConfig(r=4, target_modules=["query", "value", "dense"], lora_alpha=8, init_lora_weights=False)
     pm = peft.get_peft_model(model, cfg)

@@ -22,7 +22,7 @@ from apt_salience.tuning import (
     rebuild_optimizer,
 )
 
-peft = pytest.importorskip("peft")
+import peft  # a test dependency: a missing peft must fail, not skip
 
 IDS = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(4))
 LABELS = torch.tensor([0, 1])
