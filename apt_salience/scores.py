@@ -123,19 +123,28 @@ class SalienceScores:
 
     def save(self, path: Union[str, "os.PathLike[str]"]) -> Path:
         """Write the reading as JSON (``SalienceScores.load`` reads it back)."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(self.to_dict()), encoding="utf-8")
-        return p
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: Union[str, "os.PathLike[str]"]) -> "SalienceScores":
         """Read a file written by :meth:`save`."""
-        p = Path(path)
-        try:
-            d = json.loads(p.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ValueError(f"cannot read scores file '{p}': {exc.strerror or exc}") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"scores file '{p}' is not JSON (line {exc.lineno}): {exc.msg}") from None
-        return cls.from_dict(d)
+        return cls.from_dict(read_json(path, "scores"))
+
+
+def write_json(path: Union[str, "os.PathLike[str]"], obj: Any) -> Path:
+    """Write ``obj`` as JSON to ``path`` (parent folders created); returns the path."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(obj), encoding="utf-8")
+    return p
+
+
+def read_json(path: Union[str, "os.PathLike[str]"], what: str) -> Any:
+    """Read a JSON file; a missing/unreadable file or bad JSON is a ``ValueError`` naming ``what`` and the file."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"cannot read {what} file '{p}': {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} file '{p}' is not JSON (line {exc.lineno}): {exc.msg}") from None

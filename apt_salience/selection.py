@@ -32,7 +32,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -43,7 +42,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .scores import BlockScores, SalienceScores
+from .scores import BlockScores, SalienceScores, read_json, write_json
 
 __all__ = [
     "BlockLayout",
@@ -282,14 +281,12 @@ class Selection:
 
     def save(self, path: Union[str, "os.PathLike[str]"]) -> Path:
         """Write as JSON (:meth:`load` reads it back)."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(self.to_dict()), encoding="utf-8")
-        return p
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: Union[str, "os.PathLike[str]"]) -> "Selection":
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        """Read a file written by :meth:`save`."""
+        return cls.from_dict(read_json(path, "selection"))
 
     def __repr__(self) -> str:
         kept = ", ".join(f"{k}={self.num_kept()[k]}/{m.numel()}" for k, m in self.masks().items())

@@ -428,3 +428,13 @@ def test_update_masks_values() -> None:
         update_masks(None, sel, alpha=0.0)
     with pytest.raises(ValueError, match="same model"):
         update_masks({"head": torch.ones(3)}, sel)
+
+
+def test_selection_load_errors_name_the_file(tmp_path) -> None:
+    from apt_salience.selection import Selection
+
+    (tmp_path / "sel.json").write_text("{oops")
+    with pytest.raises(ValueError, match=r"selection file '.*sel\.json' is not JSON \(line 1\)"):
+        Selection.load(tmp_path / "sel.json")
+    with pytest.raises(ValueError, match="cannot read selection file"):
+        Selection.load(tmp_path / "missing.json")
