@@ -183,12 +183,20 @@ def pool_moments(m: Moments, group_size: int) -> Moments:
     mean_i, m2_i, m3_i, m4_i = (t.reshape(shape) for t in (m.mean, m.m2, m.m3, m.m4))
     n_i = m.n.unsqueeze(-1) if m.n.dim() else m.n
     pooled_mean = mean_i.mean(dim=-1, keepdim=True)
-    d = mean_i - pooled_mean
+    m2, m3, m4 = shift_moments(n_i, mean_i, m2_i, m3_i, m4_i, pooled_mean)
+    return Moments(m.n * group_size, pooled_mean.squeeze(-1), m2.sum(-1), m3.sum(-1), m4.sum(-1))
+
+
+def shift_moments(n: Tensor, mean: Tensor, m2: Tensor, m3: Tensor, m4: Tensor,
+                  center: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``M2, M3, M4`` taken about ``center`` instead of ``mean`` (exact binomial expansion).
+
+    Summing shifted moments of groups about a common centre is how groups are pooled
+    (:func:`pool_moments`) and how ranks are merged (the tracker's distributed sync).
+    """
+    d = mean - center
     d2 = d * d
-    m2 = (m2_i + n_i * d2).sum(-1)
-    m3 = (m3_i + 3 * d * m2_i + n_i * d2 * d).sum(-1)
-    m4 = (m4_i + 4 * d * m3_i + 6 * d2 * m2_i + n_i * d2 * d2).sum(-1)
-    return Moments(m.n * group_size, pooled_mean.squeeze(-1), m2, m3, m4)
+    return (m2 + n * d2, m3 + 3 * d * m2 + n * d2 * d, m4 + 4 * d * m3 + 6 * d2 * m2 + n * d2 * d2)
 
 
 def kurtosis_from_moments(m: Moments, excess: bool = False, rel_tol: Optional[float] = None) -> Tensor:

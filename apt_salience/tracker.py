@@ -34,7 +34,7 @@ from torch.utils.hooks import RemovableHandle
 from .architectures import Site, find_sites, linear_weight
 from .config import ConfigLike, SalienceConfig, load_config
 from .moments import (Moments, _moments_and_abs_sum, _prod_sum, batch_moments, kurtosis_from_moments,
-                      merge_moments, pool_moments)
+                      merge_moments, pool_moments, shift_moments)
 from .scores import BlockScores, SalienceScores
 
 __all__ = ["SalienceTracker", "attach", "SalienceWarning", "TrackerStateError"]
@@ -669,14 +669,8 @@ class SalienceTracker:
             means.append(mg)
             if p.order < 2:
                 continue  # only the mean is used (kurtosis source 'output')
-            # M_k about the global mean: sum_x (x - mean_r + d)^k with d = mean_r - mean_g, expanded
-            d = m.mean - mg
-            d2 = d * d
-            shifted += [
-                (m.m2 + m.n * d2).to(self._home),
-                (m.m3 + 3 * d * m.m2 + m.n * d2 * d).to(self._home),
-                (m.m4 + 4 * d * m.m3 + 6 * d2 * m.m2 + m.n * d2 * d2).to(self._home),
-            ]
+            # each rank's M_k about the global mean; their sum over ranks is the union's M_k
+            shifted += [t.to(self._home) for t in shift_moments(m.n, m.mean, m.m2, m.m3, m.m4, mg)]
         flat2 = torch.cat(shifted) if shifted else None
         if flat2 is not None:
             dist.all_reduce(flat2)
