@@ -386,6 +386,11 @@ class SalienceTracker:
         return self._attached
 
     @property
+    def model(self) -> nn.Module:
+        """The model the tracker was attached to."""
+        return self._model
+
+    @property
     def steps(self) -> int:
         """Optimizer steps seen (calls to :meth:`step`)."""
         return self._steps

@@ -195,7 +195,7 @@ class SalienceCallback(TrainerCallback):
         self.loaded_from = None
         self._remove_mask_hooks()
         if self.mask_padding:
-            target = model if model is not None else getattr(self.tracker, "_model", None)
+            target = model if model is not None else self.tracker.model
             if target is None:
                 raise ValueError("SalienceCallback(mask_padding=True) needs the Trainer's model at on_train_begin")
             self._install_mask_hooks(target)
