@@ -26,7 +26,8 @@ from typing import Dict, Iterable, Iterator, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["Moments", "StreamingMoments", "batch_moments", "merge_moments", "pool_moments", "kurtosis_from_moments"]
+__all__ = ["Moments", "StreamingMoments", "batch_moments", "merge_moments", "pool_moments", "kurtosis_from_moments",
+           "power_sums", "central_from_power_sums", "abs_sum_rows", "prod_sum_rows"]
 
 
 class Moments(NamedTuple):
@@ -147,6 +148,181 @@ def _prod_sum(x: Tensor, g: Tensor, index: Optional[Tensor] = None) -> Tensor:
     for cx, cg in zip(_row_chunks(x, index, rows, acc), _row_chunks(g, index, rows, acc)):
         out += (cx * cg).sum(dim=0)
     return out.float()
+
+
+def _use_chunks(x: Tensor) -> bool:
+    """Cache-sized row chunks pay on the CPU in eager mode; a compiled graph or an accelerator wants whole-tensor ops."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _recentre(n: Tensor, shift: Tensor, d: Tensor, centre: Tensor) -> Tensor:
+    """Power sums about ``centre`` from the sums ``d[k-1] = sum (x - shift)^k`` (k = 1..4), exactly.
+
+    ``sum (x - c)^k = sum_j C(k, j) e^(k-j) sum (x - shift)^j`` with ``e = shift - c`` (float64).
+    """
+    e = shift.to(torch.float64) - centre
+    d1, d2, d3, d4 = d.unbind(0)
+    e2 = e * e
+    s1 = d1 + n * e
+    s2 = d2 + 2 * e * d1 + n * e2
+    s3 = d3 + 3 * e * d2 + 3 * e2 * d1 + n * e2 * e
+    s4 = d4 + 4 * e * d3 + 6 * e2 * d2 + 4 * e2 * e * d1 + n * e2 * e2
+    return torch.stack([n.expand_as(e), s1, s2, s3, s4])
+
+
+def power_sums(x: Tensor, centre: Optional[Tensor], order: int, *, index: Optional[Tensor] = None,
+               keep: Optional[Tensor] = None, abs_sum: bool = False) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """``sum |x|`` and the power sums of ``x`` about ``centre``, per column of ``x`` [N, C].
+
+    Args:
+        x: the observations, ``[N, C]`` (any float dtype; reduced in float32, float64 for float64 input).
+        centre: float64 ``[C]``, the point the sums are taken about (needed when ``order`` > 0).
+        order: 0 (no moments), 1 (``n`` and ``sum (x - c)``) or 4 (up to ``sum (x - c)^4``).
+        index: rows to use (long), or ``keep``: a bool ``[N]`` row mask; neither: all rows.
+        abs_sum: also return ``sum |x|`` (float32 ``[C]``).
+
+    Returns ``(abs_sum or None, sums or None)``, ``sums`` float64 ``[order + 1, C]`` with rows
+    ``n, sum (x - c), ..., sum (x - c)^order``. Sums about a common centre add up over batches,
+    so they can be accumulated by plain addition (even by autograd); :func:`central_from_power_sums`
+    turns them back into central moments. Internally the powers are formed about the batch's own
+    float32 mean (well conditioned whatever ``|mean| / std``) and moved to ``centre`` exactly in float64.
+
+    Example:
+        >>> x = torch.tensor([[1.0], [2.0], [6.0]])
+        >>> _, p = power_sums(x, torch.zeros(1, dtype=torch.float64), 4)
+        >>> p[:, 0].tolist()
+        [3.0, 9.0, 41.0, 225.0, 1313.0]
+    """
+    if order not in (0, 1, 4):
+        raise ValueError(f"order must be 0, 1 or 4, got {order!r}")
+    if order and centre is None:
+        raise ValueError("power_sums needs a centre when order > 0")
+    if _use_chunks(x):
+        if keep is not None and index is None:
+            index = keep.nonzero().squeeze(1)
+        return _power_sums_chunked(x, centre, order, index, abs_sum)
+    return _power_sums_whole(x, centre, order, index, keep, abs_sum)
+
+
+def _power_sums_chunked(x: Tensor, centre: Optional[Tensor], order: int, index: Optional[Tensor],
+                        abs_sum: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    if order == 0:
+        _, a = _moments_and_abs_sum(x, order=0, index=index, abs_sum=abs_sum)
+        return a, None
+    assert centre is not None
+    num = x.shape[0] if index is None else int(index.numel())
+    channels = x.shape[1]
+    dev = x.device
+    acc = _acc_dtype(x)
+    rows = _chunk_rows(channels, torch.finfo(acc).bits // 8)
+    n = torch.tensor(float(num), dtype=torch.float64, device=dev)
+    a64 = torch.zeros(channels, dtype=torch.float64, device=dev) if abs_sum else None
+    if order == 1:
+        tot = torch.zeros(channels, dtype=torch.float64, device=dev)
+        for c in _row_chunks(x, index, rows, acc):
+            tot += c.sum(dim=0)
+            if a64 is not None:
+                a64 += c.abs().sum(dim=0)
+        return (a64.float() if a64 is not None else None), torch.stack([n.expand_as(tot), tot - n * centre])
+    if num == 0:
+        return (a64.float() if a64 is not None else None), torch.zeros(5, channels, dtype=torch.float64, device=dev)
+    if index is None and x.dtype == acc:
+        shift = x.mean(dim=0)
+    else:
+        tot = torch.zeros(channels, dtype=torch.float64, device=dev)
+        for c in _row_chunks(x, index, rows, acc):
+            tot += c.sum(dim=0)
+        shift = (tot / num).to(acc)
+    d = torch.zeros(4, channels, dtype=torch.float64, device=dev)
+    for c in _row_chunks(x, index, rows, acc):
+        if a64 is not None:
+            a64 += c.abs().sum(dim=0)
+        dc = c - shift
+        d[0] += dc.sum(dim=0)
+        d2 = dc.square()
+        d[1] += d2.sum(dim=0)
+        d[2] += dc.mul_(d2).sum(dim=0)
+        d[3] += d2.square_().sum(dim=0)
+        del d2, dc
+    return (a64.float() if a64 is not None else None), _recentre(n, shift, d, centre)
+
+
+def _power_sums_whole(x: Tensor, centre: Optional[Tensor], order: int, index: Optional[Tensor], keep: Optional[Tensor],
+                      abs_sum: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """The same sums as whole-tensor expressions (a compiler fuses them into one or two passes)."""
+    acc = _acc_dtype(x)
+    if index is not None:
+        x = x.index_select(0, index)
+        keep = None
+    xa = x.to(acc)
+    if keep is not None:
+        xa = torch.where(keep.unsqueeze(1), xa, 0.0)  # masked rows contribute exactly nothing (NaN-safe)
+        n = keep.sum(dtype=torch.float64)
+    else:
+        n = torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)
+    a = xa.abs().sum(dim=0, dtype=torch.float32) if abs_sum else None
+    if order == 0:
+        return a, None
+    assert centre is not None
+    tot = xa.sum(dim=0, dtype=torch.float64)
+    if order == 1:
+        return a, torch.stack([n.expand_as(tot), tot - n * centre])
+    shift = (tot / n.clamp_min(1)).to(acc)
+    dc = xa - shift
+    if keep is not None:
+        dc = torch.where(keep.unsqueeze(1), dc, 0.0)
+    d2 = dc * dc
+    d = torch.stack([dc.sum(0, dtype=torch.float64), d2.sum(0, dtype=torch.float64),
+                     (d2 * dc).sum(0, dtype=torch.float64), (d2 * d2).sum(0, dtype=torch.float64)])
+    return a, _recentre(n, shift, d, centre)
+
+
+def abs_sum_rows(g: Tensor, *, index: Optional[Tensor] = None, keep: Optional[Tensor] = None) -> Tensor:
+    """``sum |g|`` per column (float32) of the rows selected like :func:`power_sums`."""
+    if _use_chunks(g):
+        if keep is not None and index is None:
+            index = keep.nonzero().squeeze(1)
+        _, a = _moments_and_abs_sum(g, order=0, index=index, abs_sum=True)
+        assert a is not None
+        return a
+    a, _ = _power_sums_whole(g, None, 0, index, keep, True)
+    assert a is not None
+    return a
+
+
+def prod_sum_rows(x: Tensor, g: Tensor, *, index: Optional[Tensor] = None, keep: Optional[Tensor] = None) -> Tensor:
+    """``sum x * g`` per column (float32) of the rows selected like :func:`power_sums`."""
+    if _use_chunks(g):
+        if keep is not None and index is None:
+            index = keep.nonzero().squeeze(1)
+        return _prod_sum(x, g, index)
+    acc = torch.float64 if torch.float64 in (x.dtype, g.dtype) else torch.float32
+    if index is not None:
+        x, g = x.index_select(0, index), g.index_select(0, index)
+    p = x.to(acc) * g.to(acc)
+    if keep is not None:
+        p = torch.where(keep.unsqueeze(1), p, 0.0)
+    return p.sum(dim=0).float()
+
+
+def central_from_power_sums(p: Tensor, centre: Tensor) -> Moments:
+    """Central moments (per column) from the power sums about ``centre`` of :func:`power_sums`.
+
+    ``p`` is float64 ``[2, C]`` (n, S1) or ``[5, C]`` (n, S1..S4); columns with ``n = 0`` give zeros.
+    """
+    n = p[0]
+    safe = torch.where(n > 0, n, torch.ones_like(n))
+    e = p[1] / safe
+    mean = torch.where(n > 0, centre + e, torch.zeros_like(e))
+    if p.shape[0] < 5:
+        z = torch.zeros_like(mean)
+        return Moments(n, mean, z, z.clone(), z.clone())
+    s2, s3, s4 = p[2], p[3], p[4]
+    e2 = e * e
+    m2 = (s2 - n * e2).clamp_min(0)
+    m3 = s3 - 3 * e * s2 + 2 * n * e2 * e
+    m4 = (s4 - 4 * e * s3 + 6 * e2 * s2 - 3 * n * e2 * e2).clamp_min(0)
+    return Moments(n, mean, m2, m3, m4)
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:

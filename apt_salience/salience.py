@@ -29,6 +29,8 @@ __all__ = [
     "head_param_count",
     "neuron_param_count",
     "hidden_param_count",
+    "outlier_aware_salience",
+    "ema_update",
 ]
 
 
@@ -221,3 +223,53 @@ def hidden_param_count(layers: Iterable[Tuple[int, int, int, int, bool]]) -> flo
     if total <= 0:
         raise ValueError("hidden_param_count: the layers hold no heads and no neurons")
     return float(total)
+
+
+def outlier_aware_salience(salience: Tensor, sqrt_kurtosis: Tensor, *, combine: str = "add",
+                           sites: Optional[Sequence[Tuple[str, int]]] = None) -> Tensor:
+    """APT's outlier-aware salience ``S + sqrt(Kurt)`` (``combine='add'``, the paper's Eq. 8).
+
+    ``combine='scaled'`` makes the outlier term scale-free within each site: the block's
+    ``sqrt(Kurt)`` relative to the site's mean ``sqrt(Kurt)``, times the site's mean salience,
+    so scaling the loss, the batch or the gradients scales every score alike. ``sites`` lists
+    ``(name, number of blocks)`` in order (needed for ``scaled``; a site whose kurtosis is all
+    zero gets no outlier term).
+
+    Args:
+        salience: per-block salience (1-D).
+        sqrt_kurtosis: per-block ``sqrt(Kurt)``, same length.
+        combine: ``'add'`` or ``'scaled'``.
+        sites: the per-site slices, for ``'scaled'``.
+
+    Example:
+        >>> s, k = torch.tensor([1.0, 3.0]), torch.tensor([1.0, 2.0])
+        >>> outlier_aware_salience(s, k).tolist()
+        [2.0, 5.0]
+        >>> [round(v, 4) for v in outlier_aware_salience(s, k, combine="scaled", sites=[("a", 2)]).tolist()]
+        [2.3333, 5.6667]
+    """
+    if combine == "add":
+        return salience + sqrt_kurtosis
+    if combine != "scaled":
+        raise ValueError(f"combine must be 'add' or 'scaled', got {combine!r}")
+    if sites is None:
+        raise ValueError("combine='scaled' needs sites=[(name, num_blocks), ...]")
+    term = torch.zeros_like(salience)
+    start = 0
+    for _, n in sites:
+        sl = slice(start, start + n)
+        mk = sqrt_kurtosis[sl].mean()
+        if float(mk) > 0:
+            term[sl] = salience[sl].mean() * sqrt_kurtosis[sl] / mk
+        start += n
+    return salience + term
+
+
+def ema_update(previous: Tensor, value: Tensor, beta: float) -> Tensor:
+    """One step of APT's smoothing, ``beta * previous + (1 - beta) * value`` (a new tensor).
+
+    Example:
+        >>> ema_update(torch.tensor([0.0]), torch.tensor([2.0]), 0.75).tolist()
+        [0.5]
+    """
+    return beta * previous + (1 - beta) * value

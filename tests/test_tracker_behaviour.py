@@ -216,10 +216,8 @@ def test_bf16_model_accumulates_in_float32() -> None:
     tracker = apt_salience.attach(model, {"update_frequency": 2})
     sites = discover_sites(model, arch)
     readings, records = drive(model, tracker, arch, sites, n_steps=2, micro=2)
-    for pin, pout in tracker._probes.values():
-        for p in (pin, pout):
-            if p is not None:
-                assert p.step_a.dtype == torch.float32 and p.moments.m2.dtype == torch.float64
+    for g in tracker._acc.groups:  # the flat step sums and window moments of every device group
+        assert g.step.dtype == torch.float32 and g.win.dtype == torch.float64
     expected = reference_readings(records, sites, block_sizes(sites, arch), 2, 0.85)
     for kind in ("head", "neuron", "hidden"):
         # bf16 values are exact inputs; only float32 accumulation separates tracker and float64 oracle
