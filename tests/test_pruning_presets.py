@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 import zlib
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 import torch
