@@ -425,3 +425,27 @@ def test_pruning_twice_composes(tmp_path) -> None:  # type: ignore[no-untyped-de
     assert count_parameters(model) == count_parameters(once)
     save_pruned(model, tmp_path / "t5")
     assert torch.allclose(logits(load_pruned(tmp_path / "t5"), batch), logits(once, batch), atol=1e-6)
+
+
+def test_pruned_t5_trains_with_checkpointing_and_a_refreshed_tracker() -> None:
+    import apt_salience
+
+    model = make_model("t5")
+    batch, _ = make_batch("t5", torch.Generator().manual_seed(5))
+    tracker = apt_salience.attach(model, {"ema_beta": 0.0})
+    lay = BlockLayout.from_model(model)
+    heads = torch.ones(lay.num_blocks("head"), dtype=torch.bool)
+    heads[[0, 1, 5, 12]] = False
+    prune_model(model, Selection(heads, None, None, 0.0, 1.0, 1.0, lay))
+    tracker.refresh()
+    model.gradient_checkpointing_enable()
+    model.train()
+    model(**batch).loss.backward()
+    bias = model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+    assert bias.shape == (model.config.relative_attention_num_buckets, HEADS - 1)  # head 1 is gone from both layers
+    assert bias.grad is not None and torch.isfinite(bias.grad).all() and bias.grad.abs().sum() > 0
+    assert tracker.step()
+    s = tracker.scores()
+    tracker.detach()
+    assert [c for _, c in s.head.sites] == [2, 3, 4, 3]
+    assert bool((s.head.salience > 0).all())
