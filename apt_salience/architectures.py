@@ -1,19 +1,26 @@
-"""Architecture knowledge in one table: model family -> site regexes and where GQA is read.
+"""Architecture knowledge in one table: per model family, where the sites are and how each block kind is removed.
+
+One row (:class:`ArchitectureSpec`) says, for a preset: the site regexes (head sites = attention
+output projections, neuron sites = FFN down projections), where the query / key / value
+projections (or one fused projection) and the FFN input projections sit relative to a site,
+which attributes the attention forward reads, and (:class:`HiddenSpec`) which embeddings,
+norms and heads on top hold the hidden dimension. The tracker, the masks and physical pruning
+all read this table; adding a family is one row.
 
 Everything else (head counts, gating, parameter counts) is derived from the current
 module shapes, so it stays right after physical pruning.
 
 Example:
     >>> from apt_salience.architectures import ARCHITECTURES
-    >>> ARCHITECTURES["llama"].kv_proj
-    'k_proj'
+    >>> ARCHITECTURES["llama"].kv_proj, ARCHITECTURES["gpt2"].qkv, ARCHITECTURES["t5"].ffn_inputs
+    ('k_proj', 'c_attn', (('wi',), ('wi_0', 'wi_1')))
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -21,46 +28,155 @@ from torch import Tensor, nn
 from .config import PRESET_NAMES, ConfigError, SalienceConfig
 from .salience import head_param_count, neuron_param_count
 
-__all__ = ["ArchitectureSpec", "ARCHITECTURES", "Site", "find_sites", "linear_dims", "linear_weight", "detect_architecture"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .selection import BlockLayout
+
+__all__ = ["ArchitectureSpec", "HiddenSpec", "ARCHITECTURES", "Site", "find_sites", "linear_dims", "linear_weight",
+           "detect_architecture", "resolve_module", "block_size_of", "layout_sites", "attention_projections",
+           "ffn_input_projections", "relative_name"]
 
 _P = r"(?:.*\.)?"  # any module-name prefix (a PEFT wrapper adds "base_model.model.")
+
+#: What an attention attribute in :attr:`ArchitectureSpec.head_attrs` is set to after head pruning.
+HEAD_QUANTITIES = ("heads", "kv_heads", "groups", "inner")
+
+
+@dataclass(frozen=True)
+class HiddenSpec:
+    """Where a family holds the hidden (model) dimension besides its sites, for physical hidden pruning.
+
+    The head and neuron sites *write* the residual stream (their output rows go); the query /
+    key / value (or fused) projections and the FFN input projections of the :class:`ArchitectureSpec`
+    *read* it (their input columns go). Besides those:
+
+    * ``embeddings``: regex of the ``nn.Embedding`` s whose ``embedding_dim`` is the hidden size
+      (their columns go);
+    * ``norms``: regex of the LayerNorm / RMSNorm modules over the hidden size (weight and bias go);
+    * ``tops``: the heads on top, per model class: ``(class-name suffix, readers, independent)``.
+      ``readers`` (regex) read the residual stream (input columns go: pooler, classifier, lm_head);
+      ``independent`` (regex) have a hidden-sized dimension that lives in another space and stays
+      (e.g. BERT's classifier, which reads the pooler's output). A model class whose name ends in
+      none of the suffixes is refused, and so is any module with a hidden-sized parameter that
+      none of these names.
+    """
+
+    embeddings: str
+    norms: str
+    tops: Tuple[Tuple[str, str, str], ...]
 
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
-    """How to find the sites of one model family."""
+    """One model family: where its sites are and how each block kind is removed.
+
+    Names of projections are relative to a *root*: the site's name with its last
+    ``attention_up`` (head sites) or ``ffn_up`` (neuron sites) components removed.
+
+    * ``heads`` / ``neurons`` / ``adapters``: site regexes (``re.fullmatch`` on module names).
+    * ``q`` / ``k`` / ``v``: the query / key / value projections, or ``qkv``: one fused projection
+      whose outputs are ``[q | k | v]`` (GPT-2's ``c_attn``).
+    * ``gqa``: keys / values may have fewer heads than queries (read from ``k``'s width).
+    * ``head_attrs``: ``(module relative to the root, attribute, quantity)`` the attention forward
+      reads; quantity is one of ``heads``, ``kv_heads``, ``groups`` (query heads per KV head) or
+      ``inner`` (heads x head_dim).
+    * ``shared_bias``: name (relative to the root) of a position-bias ``nn.Embedding`` with one
+      column per head that one attention of a stack owns and every same-role attention of that
+      stack reuses (T5's ``relative_attention_bias``).
+    * ``ffn_inputs``: alternatives, each a tuple of FFN input projections (the first alternative
+      whose modules all exist is used; two or more = a gated FFN).
+    * ``hidden``: how hidden dims are removed physically (None: not supported for this family).
+    """
 
     name: str
     model_types: Tuple[str, ...]
     heads: str
     neurons: str
-    kv_proj: Optional[str] = None  # sibling of the head site whose out_features / head_dim = n_kv
     adapters: str = r".*\.lora_B\.[^.]+"
+    attention_up: int = 1
+    q: Optional[str] = None
+    k: Optional[str] = None
+    v: Optional[str] = None
+    qkv: Optional[str] = None
+    gqa: bool = False
+    head_attrs: Tuple[Tuple[str, str, str], ...] = ()
+    shared_bias: Optional[str] = None
+    ffn_up: int = 1
+    ffn_inputs: Tuple[Tuple[str, ...], ...] = ()
+    hidden: Optional[HiddenSpec] = None
+
+    @property
+    def kv_proj(self) -> Optional[str]:
+        """The projection whose width tells the number of KV heads (grouped-query families), else None."""
+        return self.k if self.gqa else None
 
 
-_BERT_HEADS = _P + r"layer\.\d+\.attention\.output\.dense"
-_BERT_NEURONS = _P + r"layer\.\d+\.output\.dense"
-_LLAMA = dict(heads=_P + r"layers\.\d+\.self_attn\.o_proj", neurons=_P + r"layers\.\d+\.mlp\.down_proj", kv_proj="k_proj")
+def _bert_like(name: str, model_types: Tuple[str, ...], seq_cls: Tuple[str, str]) -> ArchitectureSpec:
+    return ArchitectureSpec(
+        name, model_types,
+        heads=_P + r"layer\.\d+\.attention\.output\.dense",
+        neurons=_P + r"layer\.\d+\.output\.dense",
+        attention_up=2, q="self.query", k="self.key", v="self.value",
+        head_attrs=(("self", "num_attention_heads", "heads"), ("self", "all_head_size", "inner")),
+        ffn_up=2, ffn_inputs=(("intermediate.dense",),),
+        hidden=HiddenSpec(
+            embeddings=_P + r"embeddings\.(?:word|position|token_type)_embeddings",
+            norms=_P + r"(?:embeddings|layer\.\d+\.output|layer\.\d+\.attention\.output)\.LayerNorm",
+            tops=(("Model", _P + r"pooler\.dense", ""), ("ForSequenceClassification",) + seq_cls),
+        ),
+    )
+
+
+def _llama_like(name: str) -> ArchitectureSpec:
+    return ArchitectureSpec(
+        name, (name,),
+        heads=_P + r"layers\.\d+\.self_attn\.o_proj",
+        neurons=_P + r"layers\.\d+\.mlp\.down_proj",
+        q="q_proj", k="k_proj", v="v_proj", gqa=True,
+        head_attrs=(("", "num_key_value_groups", "groups"),),
+        ffn_inputs=(("gate_proj", "up_proj"),),
+        hidden=HiddenSpec(
+            embeddings=_P + r"embed_tokens",
+            norms=_P + r"(?:layers\.\d+\.(?:input|post_attention)_layernorm|norm)",
+            tops=(("Model", "", ""), ("ForCausalLM", r"lm_head", ""), ("ForSequenceClassification", r"score", "")),
+        ),
+    )
+
 
 ARCHITECTURES: Dict[str, ArchitectureSpec] = {
-    "bert": ArchitectureSpec("bert", ("bert",), _BERT_HEADS, _BERT_NEURONS),
-    "roberta": ArchitectureSpec("roberta", ("roberta", "xlm-roberta"), _BERT_HEADS, _BERT_NEURONS),
-    "llama": ArchitectureSpec("llama", ("llama",), **_LLAMA),
-    "mistral": ArchitectureSpec("mistral", ("mistral",), **_LLAMA),
-    "qwen2": ArchitectureSpec("qwen2", ("qwen2",), **_LLAMA),
+    # BertForSequenceClassification: the pooler reads the stream, the classifier reads the pooler's output
+    "bert": _bert_like("bert", ("bert",), (_P + r"pooler\.dense", _P + r"classifier")),
+    # RobertaForSequenceClassification: classifier.dense reads the stream, classifier.out_proj its output
+    "roberta": _bert_like("roberta", ("roberta", "xlm-roberta"), (_P + r"classifier\.dense", _P + r"classifier\.out_proj")),
+    "llama": _llama_like("llama"),
+    "mistral": _llama_like("mistral"),
+    "qwen2": _llama_like("qwen2"),
     "t5": ArchitectureSpec(
         "t5",
         ("t5", "mt5"),
         _P + r"block\.\d+\.layer\.\d+\.(?:SelfAttention|EncDecAttention)\.o",
         _P + r"block\.\d+\.layer\.\d+\.DenseReluDense\.wo",
+        q="q", k="k", v="v",
+        head_attrs=(("", "n_heads", "heads"), ("", "inner_dim", "inner")),
+        shared_bias="relative_attention_bias",
+        ffn_inputs=(("wi",), ("wi_0", "wi_1")),
     ),
-    "gpt2": ArchitectureSpec("gpt2", ("gpt2",), _P + r"h\.\d+\.attn\.c_proj", _P + r"h\.\d+\.mlp\.c_proj"),
-    "opt": ArchitectureSpec("opt", ("opt",), _P + r"layers\.\d+\.self_attn\.out_proj", _P + r"layers\.\d+\.fc2"),
+    "gpt2": ArchitectureSpec(
+        "gpt2", ("gpt2",), _P + r"h\.\d+\.attn\.c_proj", _P + r"h\.\d+\.mlp\.c_proj",
+        qkv="c_attn", head_attrs=(("", "num_heads", "heads"), ("", "split_size", "inner")),
+        ffn_inputs=(("c_fc",),),
+    ),
+    "opt": ArchitectureSpec(
+        "opt", ("opt",), _P + r"layers\.\d+\.self_attn\.out_proj", _P + r"layers\.\d+\.fc2",
+        q="q_proj", k="k_proj", v="v_proj", head_attrs=(("", "num_heads", "heads"),),
+        ffn_inputs=(("fc1",),),
+    ),
     "vit": ArchitectureSpec(
         "vit",
         ("vit",),
         _P + r"layers?\.\d+\.attention\.(?:o_proj|output\.dense)",
         _P + r"layers?\.\d+\.(?:mlp\.fc2|output\.dense)",
+        q="q_proj", k="k_proj", v="v_proj", head_attrs=(("", "num_attention_heads", "heads"),),
+        ffn_inputs=(("fc1",),),
     ),
 }
 assert tuple(ARCHITECTURES) == PRESET_NAMES
@@ -104,6 +220,109 @@ def _module_device(module: nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
     return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Module lookup: by name, relative to a site, from a block layout.
+
+
+def relative_name(site: str, up: int, rel: str = "") -> str:
+    """The name ``rel`` relative to ``site`` with its last ``up`` components removed.
+
+    Example:
+        >>> relative_name("encoder.layer.0.attention.output.dense", 2, "self.query")
+        'encoder.layer.0.attention.self.query'
+    """
+    parts = site.split(".")
+    root = ".".join(parts[: len(parts) - up])
+    return f"{root}.{rel}" if root and rel else (root or rel)
+
+
+def resolve_module(modules: Mapping[str, nn.Module], name: str) -> Tuple[str, nn.Module]:
+    """Find the module called ``name``; tolerate a wrapper prefix added or removed (PEFT's ``base_model.model.``).
+
+    Raises ``ValueError`` when no module, or more than one, fits.
+    """
+    if name in modules:
+        return name, modules[name]
+    cands = [n for n in modules if n and (n.endswith("." + name) or name.endswith("." + n))]
+    if len(cands) == 1:
+        return cands[0], modules[cands[0]]
+    if not cands:
+        raise ValueError(
+            f"module '{name}' named by the masks / selection is not in this model; were the scores "
+            "computed on another model?"
+        )
+    raise ValueError(f"module name '{name}' is ambiguous in this model (candidates: {cands[:4]})")
+
+
+def block_size_of(layout: "BlockLayout", name: str, dims: Optional[Tuple[int, int]], count: int) -> int:
+    """The site's block size from the layout, or (scores without it) from the module's input width."""
+    bs = layout.block_size.get(name)
+    if bs:
+        return int(bs)
+    if dims is not None and count and dims[0] % count == 0:
+        return dims[0] // count
+    return 1
+
+
+def layout_sites(modules: Mapping[str, nn.Module], layout: "BlockLayout", what: str = "masks",
+                 kinds: Tuple[str, ...] = ("head", "neuron")) -> List[Tuple[str, str, str, nn.Module, int, int]]:
+    """The head / neuron sites a layout names, found in ``modules``: ``(kind, name, real name, module, blocks, block size)``.
+
+    Raises ``ValueError`` naming the site when a module is missing or its shape does not fit the
+    layout (a layout from another model, or a model pruned since).
+    """
+    out: List[Tuple[str, str, str, nn.Module, int, int]] = []
+    for kind in kinds:
+        for name, count in layout.sites.get(kind, ()):
+            real, mod = resolve_module(modules, name)
+            dims = linear_dims(mod)
+            bs = block_size_of(layout, name, dims, count)
+            if dims is None or dims[0] != count * bs:
+                raise ValueError(
+                    f"{kind} site '{real}' has {dims[0] if dims else 'no'} input channels but the {what} "
+                    f"describe {count} blocks of {bs}: {what} from another model (or the model was pruned since)"
+                )
+            if layout.d_model and dims[1] != layout.d_model:
+                raise ValueError(
+                    f"{kind} site '{real}' writes {dims[1]} channels but the {what}' d_model is {layout.d_model}: "
+                    f"{what} from another model (or the model was pruned since)"
+                )
+            out.append((kind, name, real, mod, count, bs))
+    return out
+
+
+def attention_projections(spec: ArchitectureSpec, modules: Mapping[str, nn.Module],
+                          site: str) -> Dict[str, Tuple[str, nn.Module]]:
+    """``{"q", "k", "v"}`` (or ``{"qkv"}`` for a fused projection) -> ``(name, module)`` of a head site.
+
+    Raises ``ValueError`` naming the missing module.
+    """
+    roles = {"qkv": spec.qkv} if spec.qkv else {"q": spec.q, "k": spec.k, "v": spec.v}
+    out: Dict[str, Tuple[str, nn.Module]] = {}
+    for role, rel in roles.items():
+        if not rel:
+            raise ValueError(f"the '{spec.name}' architecture row names no {role} projection for head site '{site}'")
+        n = relative_name(site, spec.attention_up, rel)
+        if n not in modules:
+            raise ValueError(f"cannot find the {role} projection '{n}' of head site '{site}' ({spec.name} layout)")
+        out[role] = (n, modules[n])
+    return out
+
+
+def ffn_input_projections(spec: ArchitectureSpec, modules: Mapping[str, nn.Module],
+                          site: str) -> List[Tuple[str, nn.Module]]:
+    """The FFN input projections (up, and gate when gated) of a neuron site, as ``(name, module)``.
+
+    Raises ``ValueError`` when no alternative of ``spec.ffn_inputs`` is complete.
+    """
+    for alt in spec.ffn_inputs:
+        names = [relative_name(site, spec.ffn_up, rel) for rel in alt]
+        if names and all(n in modules for n in names):
+            return [(n, modules[n]) for n in names]
+    wanted = " or ".join("+".join(relative_name(site, spec.ffn_up, r) for r in alt) for alt in spec.ffn_inputs)
+    raise ValueError(f"cannot find the FFN input projection(s) {wanted or '(none in the table)'} of neuron site '{site}'")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,15 +482,26 @@ def find_sites(model: nn.Module, config: SalienceConfig) -> Tuple[List[Site], st
                 )
             n_h = d_in // head_dim
             n_kv = n_h
-            if spec is not None and spec.kv_proj and parent is not None and hasattr(parent, spec.kv_proj):
-                kv_dims = linear_dims(getattr(parent, spec.kv_proj))
+            if spec is not None and spec.gqa:
+                try:
+                    kv_dims = linear_dims(attention_projections(spec, modules, name)["k"][1])
+                except ValueError:  # sites overridden by config: no table projections to read
+                    kv_dims = None
                 if kv_dims is not None and kv_dims[1] % head_dim == 0:
                     n_kv = kv_dims[1] // head_dim
             count = head_param_count(d_out, head_dim, n_h, n_kv)
             block = head_dim
         elif kind == "neuron":
             gated = False
-            if parent is not None:
+            inputs: Optional[List[Tuple[str, nn.Module]]] = None
+            if spec is not None:
+                try:
+                    inputs = ffn_input_projections(spec, modules, name)
+                except ValueError:  # sites overridden by config: fall back to the siblings
+                    inputs = None
+            if inputs is not None:
+                gated = len(inputs) >= 2
+            elif parent is not None:
                 siblings = [
                     c for cn, c in parent.named_children()
                     if c is not module and (d := linear_dims(c)) is not None and d[1] == d_in

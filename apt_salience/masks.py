@@ -1,14 +1,15 @@
 """Soft / hard structured masks applied through hooks: :func:`apply_masks` and :class:`MaskHandle`.
 
-Where each kind is multiplied (the same sites the tracker observes, found by name in
-``dict(model.named_modules())``):
+Where each kind is multiplied (the same sites the tracker observes: the layout's site names,
+found in ``dict(model.named_modules())`` by :func:`apt_salience.architectures.layout_sites`):
 
 * head: the input channels of the head site (attention output projection), ``d_head`` channels
   per head, through a forward pre-hook;
 * neuron: the input channels of the FFN down projection, through a forward pre-hook;
 * hidden: the output of every head and neuron site (what each sub-layer writes to the residual
   stream), through a forward hook. Embeddings, layer norms and the residual stream itself are
-  not touched (physical hidden-dimension pruning is not implemented).
+  not touched, so this is *not* what physical hidden pruning gives (see
+  :func:`apt_salience.pruning.prune_model` and ``docs/pruning.md``).
 
 Under PEFT the site is the LoRA wrapper, so the mask covers base layer and adapter together.
 The hooks are prepended, so a :class:`~apt_salience.tracker.SalienceTracker` attached before
@@ -35,40 +36,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .architectures import linear_dims
+from .architectures import block_size_of, layout_sites, resolve_module
 from .selection import BlockLayout, Selection
 
 __all__ = ["MaskHandle", "apply_masks", "resolve_module", "block_size_of"]
 
 MasksArg = Union[Selection, Mapping[str, Tensor]]
-
-
-def resolve_module(modules: Mapping[str, nn.Module], name: str) -> Tuple[str, nn.Module]:
-    """Find the module called ``name``; tolerate a wrapper prefix added or removed (PEFT's ``base_model.model.``).
-
-    Raises ``ValueError`` when no module, or more than one, fits.
-    """
-    if name in modules:
-        return name, modules[name]
-    cands = [n for n in modules if n and (n.endswith("." + name) or name.endswith("." + n))]
-    if len(cands) == 1:
-        return cands[0], modules[cands[0]]
-    if not cands:
-        raise ValueError(
-            f"module '{name}' named by the masks / selection is not in this model; were the scores "
-            "computed on another model?"
-        )
-    raise ValueError(f"module name '{name}' is ambiguous in this model (candidates: {cands[:4]})")
-
-
-def block_size_of(layout: BlockLayout, name: str, dims: Optional[Tuple[int, int]], count: int) -> int:
-    """The site's block size from the layout, or (scores without it) from the module's input width."""
-    bs = layout.block_size.get(name)
-    if bs:
-        return int(bs)
-    if dims is not None and count and dims[0] % count == 0:
-        return dims[0] // count
-    return 1
 
 
 def _first_tensor_index(args: Tuple[Any, ...]) -> int:
@@ -93,27 +66,11 @@ class MaskHandle:
         self._hidden_sites: List[Tuple[str, nn.Module]] = []
         modules = dict(model.named_modules())
         try:
-            for kind in ("head", "neuron"):
-                if kind not in layout.sites:
-                    continue
-                for name, count in layout.sites[kind]:
-                    real, mod = resolve_module(modules, name)
-                    dims = linear_dims(mod)
-                    bs = block_size_of(layout, name, dims, count)
-                    if dims is None or dims[0] != count * bs:
-                        raise ValueError(
-                            f"{kind} site '{real}' has {dims[0] if dims else 'no'} input channels but the masks "
-                            f"describe {count} blocks of {bs}; masks / scores from another model (or a model pruned "
-                            "since)?"
-                        )
-                    if layout.d_model and dims[1] != layout.d_model:
-                        raise ValueError(
-                            f"{kind} site '{real}' writes {dims[1]} channels but the masks' d_model is {layout.d_model}"
-                        )
-                    if kind in self.kinds:
-                        dev = next((p.device for p in mod.parameters()), torch.device("cpu"))
-                        self._channel[name] = (mod, kind, torch.ones(count * bs, device=dev))
-                    self._hidden_sites.append((name, mod))
+            for kind, name, _, mod, count, bs in layout_sites(modules, layout, "masks"):
+                if kind in self.kinds:
+                    dev = next((p.device for p in mod.parameters()), torch.device("cpu"))
+                    self._channel[name] = (mod, kind, torch.ones(count * bs, device=dev))
+                self._hidden_sites.append((name, mod))
             if "hidden" in self.kinds:
                 dev = next((p.device for _, m in self._hidden_sites for p in m.parameters()), torch.device("cpu"))
                 self._hidden = torch.ones(layout.d_model, device=dev)

@@ -176,11 +176,11 @@ def test_save_and_load_round_trip(make, tmp_path) -> None:  # type: ignore[no-un
 
 def test_bad_inputs() -> None:
     model = bert()
-    lay = BlockLayout.from_model(model)
+    gpt = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=50, n_embd=D, n_layer=1, n_head=HEADS, n_positions=16))
     hid = torch.ones(D, dtype=torch.bool)
     hid[0] = False
-    with pytest.raises(ValueError, match="hidden"):
-        prune_model(model, Selection(None, None, hid, 0.0, 1.0, 1.0, lay))
+    with pytest.raises(ValueError, match="hidden dimensions physically for .*'gpt2'"):  # BERT / LLaMA only
+        prune_model(gpt, Selection(None, None, hid, 0.0, 1.0, 1.0, BlockLayout.from_model(gpt)))
     other = selection(llama(), [True] * 12, torch.ones(3 * FFN, dtype=torch.bool))
     with pytest.raises(ValueError, match="not in this model|another model"):
         prune_model(model, other)
@@ -191,9 +191,6 @@ def test_bad_inputs() -> None:
     with pytest.raises(ValueError, match="another model"):
         prune_model(wider, sel)
     assert [p.shape for p in wider.parameters()] == before  # nothing half-pruned
-    gpt = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=50, n_embd=D, n_layer=1, n_head=HEADS, n_positions=16))
-    with pytest.raises(ValueError, match="supports"):
-        prune_model(gpt, Selection(None, None, None, 0.0, 1.0, 1.0, BlockLayout.from_model(gpt)))
     import peft  # a test dependency: a missing peft must fail, not skip
     pm = peft.get_peft_model(bert(), peft.LoraConfig(r=2, target_modules=["dense"]))
     psel = Selection(torch.ones(8, dtype=torch.bool), torch.ones(2 * FFN, dtype=torch.bool), None, 0.0, 1.0, 1.0,
