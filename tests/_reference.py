@@ -210,3 +210,67 @@ def assert_close(actual: torch.Tensor, expected: np.ndarray, rel: float = 1e-4, 
     scale = np.maximum(np.abs(expected), 1e-12 + 1e-6 * np.abs(expected).max())
     err = np.abs(a - expected) / scale
     assert err.max() <= rel, f"{what}: max relative error {err.max():.3g} at {int(err.argmax())} ({a.reshape(-1)[err.argmax()]} vs {expected.reshape(-1)[err.argmax()]})"
+
+
+class MultiCapture:
+    """Like :class:`Capture`, for several backwards through one forward and several forwards per step.
+
+    Each forward of a site records its (masked) input H and output O; every gradient that
+    reaches them is recorded separately (tensor hooks, one call per backward). ``collect()``
+    returns, per site, entries in the layout :func:`reference_readings` expects, so that a
+    forward counts its |H| once and each of its gradients once: ``(H, G_1, O, GO_1)`` then
+    ``(H[:0], G_i, O[:0], GO_i)`` for every further gradient ``i``.
+    """
+
+    def __init__(self, model: torch.nn.Module, sites: Dict[str, str]):
+        self.sites = sites
+        self.mask: Optional[torch.Tensor] = None
+        self.forwards: List[dict] = []
+        self.handles = []
+        modules = dict(model.named_modules())
+        for name in sites:
+            self.handles.append(modules[name].register_forward_hook(self._hook(name, modules[name])))
+
+    def _hook(self, name: str, module: torch.nn.Module):
+        def hook(mod, args, out):
+            if mod is not module:
+                return  # a deep copy of the model carries this hook too: not the model under test
+            if not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1:
+                return  # evaluation forwards and checkpoint re-computations are not forwards of the step
+            x = args[0]
+            y = out[0] if isinstance(out, tuple) else out
+            rec = {"name": name, "mask": self.mask, "h": x.detach().clone(), "o": None, "g": [], "go": []}
+            x.register_hook(lambda g: rec["g"].append(g.detach().clone()))
+            if self.sites[name] != "adapter":
+                rec["o"] = y.detach().clone()
+                y.register_hook(lambda g: rec["go"].append(g.detach().clone()))
+            self.forwards.append(rec)
+        return hook
+
+    def collect(self) -> Dict[str, list]:
+        out: Dict[str, list] = {n: [] for n in self.sites}
+        for rec in self.forwards:
+            mask = rec["mask"]
+
+            def flat(t):
+                a = t.detach().to(torch.float64).reshape(-1, t.shape[-1])
+                if mask is not None and (tuple(t.shape[:-1]) == tuple(mask.shape) or
+                                         (t.dim() == 2 and t.shape[0] == mask.numel())):
+                    a = a[mask.reshape(-1).bool()]
+                return a.numpy()
+            if not rec["g"] and not rec["go"]:
+                continue  # a forward whose gradient never came
+            h = flat(rec["h"])
+            o = flat(rec["o"]) if rec["o"] is not None else None
+            for i in range(max(len(rec["g"]), len(rec["go"]))):
+                g = flat(rec["g"][i]) if i < len(rec["g"]) else h[:0]
+                go = None
+                if o is not None:
+                    go = flat(rec["go"][i]) if i < len(rec["go"]) else o[:0]
+                out[rec["name"]].append((h if i == 0 else h[:0], g, None if o is None else (o if i == 0 else o[:0]), go))
+        self.forwards = []
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
