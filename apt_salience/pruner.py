@@ -276,7 +276,7 @@ class AdaptivePruner:
             tracker_cfg.pruning if isinstance(tracker_cfg, SalienceConfig) else PruningConfig())
         self.config: PruningConfig = pruning_config(
             base, keep_ratio=keep_ratio, start_step=start_step, ramp_steps=ramp_steps, alpha=alpha,
-            kinds=tuple(kinds) if kinds is not None and not isinstance(kinds, str) else kinds, score=score,
+            kinds=kinds, score=score,
             allocation=allocation, calibration=calibration, min_per_site=min_per_site)
         if self.config.ramp_steps is None:
             raise ValueError("ramp_steps is required (here or as pruning.ramp_steps in the config): the number of "
@@ -352,13 +352,13 @@ class AdaptivePruner:
         """
         self._check_usable()
         self._step += 1
-        t = self._step - self.config.start_step
-        if t < 0:
-            return False
         scores = self._new_reading()
         if scores is None:
             return False
-        self._last_reading = int(scores.step)
+        self._last_reading = int(scores.step)  # a reading is used at the step it comes, or not at all
+        t = self._step - self.config.start_step
+        if t < 0:
+            return False
         self._check_setting((scores.meta or {}).get("config") or {})
         gamma = cubic_keep_ratio(t, int(self.config.ramp_steps or 1), self.config.keep_ratio)
         sel = self._select(scores, gamma)

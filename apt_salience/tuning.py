@@ -282,7 +282,7 @@ def rebuild_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> tor
 # Optimizer surgery
 
 
-def replace_parameters(optimizer: torch.optim.Optimizer, replacements: Mapping[nn.Parameter, nn.Parameter]) -> int:
+def replace_parameters(optimizer: torch.optim.Optimizer, replacements: Mapping[Tensor, Tensor]) -> int:
     """Put each new Parameter in the place of the old one in ``optimizer``'s param groups, keeping its state.
 
     State tensors of the old parameter's shape are zero-padded to the new shape (the old values stay
@@ -351,7 +351,9 @@ def lora_parameter_count(model: nn.Module, adapter_name: str = "default") -> int
     for m in model.modules():
         la, lb = getattr(m, "lora_A", None), getattr(m, "lora_B", None)
         if isinstance(la, nn.ModuleDict) and isinstance(lb, nn.ModuleDict) and adapter_name in la:
-            total += int(la[adapter_name].weight.numel()) + int(lb[adapter_name].weight.numel())
+            a, b = la[adapter_name], lb[adapter_name]
+            if isinstance(a, nn.Linear) and isinstance(b, nn.Linear):
+                total += int(a.weight.numel()) + int(b.weight.numel())
     return total
 
 
@@ -553,7 +555,7 @@ class AdaptiveTuner:
                 new_ranks[name] -= 1
                 total -= cost[name]
         grown: List[str] = []
-        replacements: Dict[nn.Parameter, nn.Parameter] = {}
+        replacements: Dict[Tensor, Tensor] = {}
         for name, r in new_ranks.items():
             if r <= ranks[name]:
                 continue
@@ -593,7 +595,7 @@ class AdaptiveTuner:
                 raise ValueError(f"the tuner state has rank {r} for '{name}', below its rank {a.out_features} here")
             if r > a.out_features:
                 todo[name] = r
-        replacements: Dict[nn.Parameter, nn.Parameter] = {}
+        replacements: Dict[Tensor, Tensor] = {}
         for name, r in todo.items():
             a, b = _lora_parts(layers[name], self.adapter_name)
             old_a, old_b = a.weight, b.weight
