@@ -11,31 +11,20 @@ from __future__ import annotations
 import contextlib
 import io
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Tuple
 
 import peft
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 import apt_salience
 from apt_salience.integrations.huggingface import PRUNER_STATE_FILE, AdaptivePruningCallback
 from apt_salience.config import ConfigError
+from tests.test_hf_callback import _data, _model  # the same tiny BERT and data as the SalienceCallback's test
 
 MAX_STEPS, SAVE_STEPS = 8, 4
 PRUNE = dict(keep_ratio=0.5, ramp_steps=4, alpha=0.5)
-
-
-def _model(seed: int = 0) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    return BertForSequenceClassification(BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, vocab_size=100,
-        max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2))
-
-
-def _data() -> List[Dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(7)
-    return [{"input_ids": torch.randint(1, 100, (8,), generator=g), "labels": torch.tensor(i % 2)} for i in range(16)]
 
 
 def _args(out: Path, save: bool = True) -> TrainingArguments:
