@@ -431,7 +431,22 @@ def prune(
     the model is pruned retraining-free. Accuracy is measured on a held-out split (``eval_fraction``
     of the rows, never trained on) before and after. The tracker config defaults to the recommended
     setting for pruning; ``config`` (a YAML file) replaces it, its ``pruning:`` section included.
-    Returns the summary (also ``out/prune.json``).
+    Returns the summary (also ``out/prune.json``). Errors are :class:`CliError`, raised before anything is written.
+
+    Args:
+        model_dir: a local Hugging Face classifier folder (model and tokenizer).
+        data: a CSV / TSV / JSONL / JSON file with ``text_column`` and ``label_column``.
+        out: a new or empty folder for the pruned model, ``report.md``, ``prune.json`` and the figure.
+        keep: share of head + FFN parameters kept.
+        steps: fine-tuning steps with the pruner (0: retraining-free after ``profile_steps`` passes).
+        text_column, label_column: the columns.
+        batch_size, max_length, lr: fine-tuning (AdamW, linear warm-up and decay).
+        config: a ``config.yaml`` (tracker keys and ``pruning:``); default: the recommended setting.
+        start_step, ramp_steps, alpha: override the ``pruning:`` section (``ramp_steps`` None: derived).
+        profile_steps: passes observed with ``steps == 0``.
+        eval_fraction: share of the rows held out for the accuracy before and after.
+        seed: the split and the batch order.
+        progress: tqdm progress bars on stderr.
     """
     import torch
 

@@ -277,6 +277,11 @@ def pruning_config(base: Optional[PruningConfig] = None, **overrides: Any) -> Pr
 
     Errors name the argument, the value and what is allowed.
 
+    Args:
+        base: the section to start from (e.g. ``load_config(path).pruning``).
+        **overrides: ``keep_ratio``, ``start_step``, ``ramp_steps``, ``alpha``, ``kinds``, ``score``,
+            ``allocation``, ``calibration``, ``min_per_site``.
+
     Example:
         >>> pruning_config(keep_ratio=0.4, ramp_steps=None).keep_ratio
         0.4

@@ -190,7 +190,11 @@ def _is_peft(model: nn.Module) -> bool:
 
 
 def plain_model(model: nn.Module) -> nn.Module:
-    """The plain Hugging Face model inside a PEFT wrapper (the model itself otherwise)."""
+    """The plain Hugging Face model inside a PEFT wrapper (the model itself otherwise).
+
+    Args:
+        model: a model, PEFT-wrapped or not.
+    """
     get = getattr(model, "get_base_model", None)
     return get() if callable(get) else model
 
@@ -453,6 +457,9 @@ class AdaptivePruner:
         """Restore a :meth:`state_dict` (in a fresh pruner on the same, not yet pruned, model); masks are re-applied.
 
         Settings that differ from the saved ones give a :class:`PruningWarning`; this pruner keeps its own.
+
+        Args:
+            state: what :meth:`state_dict` returned (e.g. through ``torch.save`` / ``torch.load``).
         """
         self._check_usable()
         if not isinstance(state, Mapping) or state.get("version") != PRUNER_STATE_VERSION:

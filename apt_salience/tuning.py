@@ -346,7 +346,12 @@ def replace_parameters(optimizer: torch.optim.Optimizer, replacements: Mapping[T
 
 
 def lora_parameter_count(model: nn.Module, adapter_name: str = "default") -> int:
-    """Number of LoRA weights (``lora_A`` + ``lora_B`` of ``adapter_name``) in ``model``, from the current shapes."""
+    """Number of LoRA weights (``lora_A`` + ``lora_B`` of ``adapter_name``) in ``model``, from the current shapes.
+
+    Args:
+        model: a PEFT LoRA model.
+        adapter_name: the PEFT adapter counted.
+    """
     total = 0
     for m in model.modules():
         la, lb = getattr(m, "lora_A", None), getattr(m, "lora_B", None)
@@ -512,7 +517,11 @@ class AdaptiveTuner:
         return lora_ranks(self.model, self.adapter_name)
 
     def target(self, k: int) -> int:
-        """The tuning budget ``Delta_k`` of growth event ``k`` (1-based)."""
+        """The tuning budget ``Delta_k`` of growth event ``k`` (1-based).
+
+        Args:
+            k: the event, 1 to ``len(growth_steps)`` (larger values give ``budget``).
+        """
         n = len(self.growth_steps)
         return int(self.initial_parameters + (self.budget - self.initial_parameters) * min(k, n) // n)
 
@@ -579,7 +588,10 @@ class AdaptiveTuner:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`: the model's LoRA layers are grown to the saved ranks (optimizer updated,
         tracker refreshed). Call it before loading the model's and the optimizer's own state dicts (their shapes
-        are the grown ones), and before ``tracker.load_state_dict``.
+        are the grown ones), and before ``tracker.load_state_dict``. Modifies the model and the optimizer in place.
+
+        Args:
+            state: what :meth:`state_dict` returned.
         """
         if not isinstance(state, Mapping) or state.get("version") != TUNER_STATE_VERSION:
             raise ValueError("not an apt_salience tuner state")
