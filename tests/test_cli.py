@@ -482,6 +482,8 @@ def test_prune_end_to_end(bert_dir: Path, csv_file: Path, tmp_path: Path, capsys
     (("--ramp-steps", "0"), ("ramp_steps", "got 0")),
     (("--eval-fraction", "1"), ("--eval-fraction",)),
     (("--batch-size", "0"), ("--batch-size must be >= 1",)),
+    (("--profile-steps", "0"), ("--profile-steps must be >= 1",)),
+    (("--start-step", "5"), ("--start-step 5", "--steps 2")),
 ])
 def test_prune_errors_are_one_line(bert_dir: Path, csv_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                    change: Tuple[str, str], needles: Tuple[str, ...]) -> None:
@@ -517,6 +519,15 @@ def test_prune_refuses_an_existing_output(bert_dir: Path, csv_file: Path, tmp_pa
     bad_cfg.write_text("pruning:\n  keep: 0.5\n")
     rc, _, err = _run(_prune_args(bert_dir, csv_file, tmp_path / "o", "--config", str(bad_cfg)), capsys)
     _assert_one_line_error(rc, err, "pruning.keep", "keep_ratio")
+    slow = tmp_path / "slow.yaml"
+    slow.write_text("update_frequency: 5\n")
+    rc, _, err = _run(_prune_args(bert_dir, csv_file, tmp_path / "o", "--config", str(slow), "--steps", "2"), capsys)
+    _assert_one_line_error(rc, err, "update_frequency (5)", "no reading would be published")
+    two = tmp_path / "two.csv"
+    two.write_text("review,sentiment\ngood,pos\nbad,neg\n")
+    rc, _, err = _run(_prune_args(bert_dir, two, tmp_path / "o"), capsys)
+    _assert_one_line_error(rc, err, "2 usable rows", "--eval-fraction")
+    assert not (tmp_path / "o").exists()
 
 
 def test_report_names_the_missing_field_and_refuses_a_file_as_out(tmp_path: Path,
