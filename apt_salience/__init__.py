@@ -8,7 +8,15 @@ Example:
 """
 
 from ._version import __version__
-from .config import ConfigError, KurtosisConfig, SalienceConfig, SalienceModeConfig, SitesConfig, load_config
+from .config import (
+    ConfigError,
+    KurtosisConfig,
+    PruningConfig,
+    SalienceConfig,
+    SalienceModeConfig,
+    SitesConfig,
+    load_config,
+)
 from .salience import (
     compute_activation_gradient_product,
     compute_kurtosis,
@@ -20,9 +28,10 @@ from .salience import (
 from .masks import MaskHandle, apply_masks
 from .pruning import PruneReport, load_pruned, prune_model, save_pruned
 from .scores import BlockScores, SalienceScores
-from .selection import BlockLayout, Selection, cubic_keep_ratio, select_blocks, update_masks
+from .selection import BlockLayout, Selection, select_blocks
+from .pruner import RECOMMENDED_CONFIG, AdaptivePruner, PruningWarning, cubic_keep_ratio, update_masks
 from .tracker import SalienceTracker, SalienceWarning, TrackerStateError, attach
-from .tuning import adapter_importance, grow_lora_rank, plan_rank_growth
+from .tuning import AdaptiveTuner, adapter_importance, grow_lora_rank, plan_rank_growth
 
 __all__ = [
     "__version__",
@@ -34,6 +43,7 @@ __all__ = [
     "KurtosisConfig",
     "SalienceModeConfig",
     "SitesConfig",
+    "PruningConfig",
     "ConfigError",
     "SalienceWarning",
     "TrackerStateError",
@@ -55,6 +65,10 @@ __all__ = [
     "PruneReport",
     "save_pruned",
     "load_pruned",
+    "AdaptivePruner",
+    "AdaptiveTuner",
+    "PruningWarning",
+    "RECOMMENDED_CONFIG",
     "adapter_importance",
     "plan_rank_growth",
     "grow_lora_rank",

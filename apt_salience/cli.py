@@ -1,10 +1,13 @@
-"""The ``apt-salience`` command line: ``demo``, ``profile`` and ``report``.
+"""The ``apt-salience`` command line: ``demo``, ``profile``, ``prune`` and ``report``.
 
 * ``apt-salience demo`` — fine-tune the pretrained all-MiniLM-L6-v2 on real labelled tweets with the
   tracker attached, prune heads and neurons to a budget and print the accuracy table
   (:func:`apt_salience.demo.run_demo`).
 * ``apt-salience profile --model DIR --data FILE`` — run N forward/backward steps of a local Hugging
   Face model on a CSV / JSONL / text file with the tracker attached; write the scores and the report.
+* ``apt-salience prune MODEL_DIR DATA --keep 0.5 --out OUT_DIR`` — fine-tune a local classifier with the
+  adaptive pruner (or, with ``--steps 0``, profile briefly and prune retraining-free), evaluate on a
+  held-out split before and after, write the pruned model (``load_pruned(OUT_DIR)``) and ``report.md``.
 * ``apt-salience report SCORES --out DIR`` — figures and a Markdown summary from saved scores.
 
 Errors (a missing file, an unreadable model folder, a wrong column, a bad config, a missing optional
@@ -28,12 +31,13 @@ import random
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ._version import __version__
 
-__all__ = ["main", "build_parser", "CliError", "read_examples", "profile"]
+__all__ = ["main", "build_parser", "CliError", "read_examples", "profile", "prune"]
 
 logger = logging.getLogger("apt_salience")
 
@@ -377,6 +381,247 @@ def profile(
 
 
 # ------------------------------------------------------------------------------------------------
+# prune
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out '{out}' exists and is not a folder; give a new folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise CliError(f"--out '{out}' already exists and is not empty; remove it or give a new folder "
+                       "(prune never overwrites a model folder)")
+
+
+def _split(n: int, eval_fraction: float, seed: int) -> Tuple[List[int], List[int]]:
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_eval = int(round(n * eval_fraction))
+    if n_eval < 1 or n - n_eval < 1:
+        raise CliError(f"the data has {n} usable rows: --eval-fraction {eval_fraction} leaves "
+                       f"{n - n_eval} for training and {n_eval} for evaluation; both need at least one")
+    return order[n_eval:], order[:n_eval]
+
+
+def prune(
+    model_dir: "str | Path",
+    data: "str | Path",
+    out: "str | Path",
+    *,
+    keep: float = 0.5,
+    steps: int = 100,
+    text_column: str = "text",
+    label_column: str = "label",
+    batch_size: int = 16,
+    max_length: int = 128,
+    lr: float = 5e-5,
+    config: Optional[str] = None,
+    start_step: Optional[int] = None,
+    ramp_steps: Optional[int] = None,
+    alpha: Optional[float] = None,
+    profile_steps: int = 20,
+    eval_fraction: float = 0.2,
+    seed: int = 0,
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """Prune a local classifier to ``keep`` of its head + FFN parameters; write the pruned model and ``report.md``.
+
+    With ``steps > 0`` the model is fine-tuned for ``steps`` AdamW steps with the
+    :class:`~apt_salience.AdaptivePruner` (cubic schedule, gradual masks) and finalized; with
+    ``steps == 0`` the tracker observes ``profile_steps`` forward/backward passes (weights frozen) and
+    the model is pruned retraining-free. Accuracy is measured on a held-out split (``eval_fraction``
+    of the rows, never trained on) before and after. The tracker config defaults to the recommended
+    setting for pruning; ``config`` (a YAML file) replaces it, its ``pruning:`` section included.
+    Returns the summary (also ``out/prune.json``). Errors are :class:`CliError`, raised before anything is written.
+
+    Args:
+        model_dir: a local Hugging Face classifier folder (model and tokenizer).
+        data: a CSV / TSV / JSONL / JSON file with ``text_column`` and ``label_column``.
+        out: a new or empty folder for the pruned model, ``report.md``, ``prune.json`` and the figure.
+        keep: share of head + FFN parameters kept.
+        steps: fine-tuning steps with the pruner (0: retraining-free after ``profile_steps`` passes).
+        text_column, label_column: the columns.
+        batch_size, max_length, lr: fine-tuning (AdamW, linear warm-up and decay).
+        config: a ``config.yaml`` (tracker keys and ``pruning:``); default: the recommended setting.
+        start_step, ramp_steps, alpha: override the ``pruning:`` section (``ramp_steps`` None: derived).
+        profile_steps: passes observed with ``steps == 0``.
+        eval_fraction: share of the rows held out for the accuracy before and after.
+        seed: the split and the batch order.
+        progress: tqdm progress bars on stderr.
+    """
+    import torch
+
+    import apt_salience
+    from .config import load_config, pruning_config
+    from .demo import evaluate, finetune
+    from .pruner import RECOMMENDED_CONFIG, auto_ramp_steps, plain_model
+    from .pruning import count_parameters, save_pruned
+    from .report import ReportDependencyError, density_figure
+
+    t_start = time.perf_counter()
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+        raise CliError(f"--keep must be a fraction in (0, 1] (the share of head + FFN parameters kept), got {keep}")
+    if not 0 < eval_fraction < 1:
+        raise CliError(f"--eval-fraction must be in (0, 1), got {eval_fraction}")
+    if steps < 0:
+        raise CliError(f"--steps must be >= 0 (0: retraining-free pruning after a short profile), got {steps}")
+    for name, value in (("--batch-size", batch_size), ("--max-length", max_length), ("--profile-steps", profile_steps)):
+        if value < 1:
+            raise CliError(f"{name} must be >= 1, got {value}")
+    out_dir = Path(out)
+    _check_out_dir(out_dir)
+    cfg = load_config(config if config is not None else RECOMMENDED_CONFIG)  # a bad config fails before loading
+    try:
+        pcfg = pruning_config(cfg.pruning, keep_ratio=keep, start_step=start_step, ramp_steps=ramp_steps, alpha=alpha)
+    except ValueError as exc:
+        raise CliError(f"--{str(exc).split(' ', 1)[0].replace('_', '-')}: {exc}") from None
+    n_obs = steps if steps > 0 else profile_steps
+    if cfg.update_frequency > n_obs:
+        raise CliError(f"{'--steps' if steps else '--profile-steps'} {n_obs} is fewer than the config's "
+                       f"update_frequency ({cfg.update_frequency}): no reading would be published")
+    if steps > 0 and pcfg.start_step >= steps:
+        raise CliError(f"--start-step {pcfg.start_step} is not before the end of training (--steps {steps})")
+    texts, labels = read_examples(data, task="classification", text_column=text_column, label_column=label_column)
+    assert labels is not None
+    train_idx, eval_idx = _split(len(texts), eval_fraction, seed)
+    model, tokenizer, label_ids = load_model(model_dir, "classification", labels)
+    assert label_ids is not None
+    tr_x, tr_y = [texts[i] for i in train_idx], [label_ids[i] for i in train_idx]
+    ev_x, ev_y = [texts[i] for i in eval_idx], [label_ids[i] for i in eval_idx]
+    timings: Dict[str, float] = {}
+    t = time.perf_counter()
+    acc_before = evaluate(model, tokenizer, ev_x, ev_y, max_length=max_length)
+    timings["evaluate before"] = time.perf_counter() - t
+    params_before = count_parameters(model)
+    if alpha is None and config is None and steps > 0:
+        # a short run: raise the mask step so that every mask can reach 0 or 1 within the last third of the steps
+        pcfg = pruning_config(pcfg, alpha=min(1.0, max(pcfg.alpha, 3.0 * cfg.update_frequency / steps)))
+    try:
+        tracker = apt_salience.attach(model, cfg)
+    except (ValueError, TypeError) as exc:
+        raise CliError(f"cannot attach the tracker to the model in '{model_dir}': {_one_line(exc)}") from exc
+    try:
+        ramp = pcfg.ramp_steps or auto_ramp_steps(max(steps, 1), pcfg.start_step, pcfg.alpha, cfg.update_frequency)
+        pruner = apt_salience.AdaptivePruner(model, tracker, pcfg.keep_ratio, start_step=pcfg.start_step,
+                                             ramp_steps=ramp, alpha=pcfg.alpha, kinds=pcfg.kinds, score=pcfg.score,
+                                             allocation=pcfg.allocation, calibration=pcfg.calibration,
+                                             min_per_site=pcfg.min_per_site)
+
+        def after_step(step: int, loss: float) -> None:  # finetune has already called tracker.step()
+            pruner.step()
+
+        t = time.perf_counter()
+        if steps > 0:
+            finetune(model, tokenizer, tr_x, tr_y, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                     trackers=[tracker], max_length=max_length, progress=progress, desc="fine-tune + prune",
+                     on_step=after_step)
+            timings["fine-tune with the pruner"] = time.perf_counter() - t
+        else:
+            _profile_steps(model, tokenizer, tracker, tr_x, tr_y, profile_steps, batch_size, max_length, seed, progress)
+            timings["profile"] = time.perf_counter() - t
+        scores = tracker.scores()
+        t = time.perf_counter()
+        report = pruner.finalize()
+        timings["finalize"] = time.perf_counter() - t
+    finally:
+        tracker.detach()
+    sel = pruner.final_selection
+    assert sel is not None
+    t = time.perf_counter()
+    acc_after = evaluate(model, tokenizer, ev_x, ev_y, max_length=max_length)
+    timings["evaluate after"] = time.perf_counter() - t
+    from .demo import _quiet_transformers
+
+    with _quiet_transformers():
+        save_pruned(plain_model(model), out_dir)
+        tokenizer.save_pretrained(str(out_dir))
+    figure = None
+    try:
+        figure = density_figure(scores, out_dir / "density_ranking.png", selection=sel)
+    except ReportDependencyError as exc:
+        logger.warning("no density figure: %s", exc)
+    timings["total"] = time.perf_counter() - t_start
+    kept = sel.num_kept()
+    summary: Dict[str, Any] = {
+        "model": str(model_dir), "data": str(data), "out": str(out_dir), "keep": pcfg.keep_ratio, "steps": steps,
+        "profile_steps": profile_steps if steps == 0 else 0, "mode": "during fine-tuning" if steps else "retraining-free",
+        "schedule": {"start_step": pcfg.start_step, "ramp_steps": ramp, "alpha": pcfg.alpha,
+                     "allocation": pcfg.allocation, "kinds": list(pcfg.kinds)},
+        "tracker": {"salience.mode": cfg.salience.mode, "kurtosis.combine": cfg.kurtosis.combine},
+        "train_examples": len(tr_x), "eval_examples": len(ev_x),
+        "accuracy_before": acc_before, "accuracy_after": acc_after,
+        "params_before": params_before, "params_after": report.params_after,
+        "head_ffn_params_total": sel.params_total, "head_ffn_params_kept": sel.params_kept,
+        "heads_kept": kept.get("head"), "heads_total": int(sel.head.numel()) if sel.head is not None else None,
+        "neurons_kept": kept.get("neuron"), "neurons_total": int(sel.neuron.numel()) if sel.neuron is not None else None,
+        "placeholder_heads": report.placeholder_heads, "seconds": timings, "apt_salience": __version__,
+    }
+    (out_dir / "prune.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    (out_dir / "report.md").write_text(_prune_markdown(summary, figure), encoding="utf-8")
+    return summary
+
+
+def _profile_steps(model: Any, tokenizer: Any, tracker: Any, texts: List[str], labels: List[int], steps: int,
+                   batch_size: int, max_length: int, seed: int, progress: bool) -> None:
+    """Forward/backward passes with the weights frozen (no optimizer step): the tracker's reading for retraining-free pruning."""
+    import torch
+
+    model.eval()
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+    rng = random.Random(seed)
+    bar = _progress(steps, "profile", progress)
+    try:
+        for _ in range(steps):
+            idx = [rng.randrange(len(texts)) for _ in range(batch_size)]
+            enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt")
+            y = torch.tensor([labels[i] for i in idx], dtype=torch.long)
+            with tracker.token_mask(enc["attention_mask"]):
+                loss = model(**enc, labels=y).loss
+            loss.backward()
+            tracker.step()
+            if bar is not None:
+                bar.update(1)
+    finally:
+        hook.remove()
+        for p in frozen:
+            p.requires_grad_(True)
+        if bar is not None:
+            bar.close()
+
+
+def _prune_markdown(s: Dict[str, Any], figure: Optional[Path]) -> str:
+    secs = s["seconds"]
+    lines = [
+        f"# apt-salience prune: {Path(s['model']).name}", "",
+        f"Pruned {s['mode']} to keep {s['keep']:.0%} of the head + FFN parameters "
+        + (f"({s['steps']} fine-tuning steps, cubic ramp from step {s['schedule']['start_step']} over "
+           f"{s['schedule']['ramp_steps']} steps, alpha {s['schedule']['alpha']})" if s["steps"]
+           else f"(after a {s['profile_steps']}-step profile)")
+        + f"; tracker salience.mode {s['tracker']['salience.mode']}, kurtosis.combine "
+          f"{s['tracker']['kurtosis.combine']}, allocation {s['schedule']['allocation']}.", "",
+        "| | before | after |", "|---|---:|---:|",
+        f"| parameters (all) | {s['params_before']:,} | {s['params_after']:,} ({s['params_after'] / s['params_before']:.1%}) |",
+        f"| head + FFN parameters | {s['head_ffn_params_total']:,.0f} | {s['head_ffn_params_kept']:,.0f} "
+        f"({s['head_ffn_params_kept'] / s['head_ffn_params_total']:.1%}) |",
+    ]
+    if s["heads_total"] is not None:
+        lines.append(f"| attention heads | {s['heads_total']} | {s['heads_kept']} |")
+    if s["neurons_total"] is not None:
+        lines.append(f"| FFN neurons | {s['neurons_total']} | {s['neurons_kept']} |")
+    lines += [
+        f"| held-out accuracy ({s['eval_examples']} examples) | {s['accuracy_before']:.3f} | {s['accuracy_after']:.3f} |",
+        "", "Time: " + ", ".join(f"{k} {v:.1f} s" for k, v in secs.items()) + ".", "",
+        f"Read the pruned model with `apt_salience.load_pruned('{s['out']}')`.", "",
+    ]
+    if figure is not None:
+        lines += ["![density ranking](density_ranking.png)", ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
 # argparse
 
 
@@ -452,11 +697,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_profile)
 
+    q = sub.add_parser("prune", parents=[common], help="prune a local classifier during fine-tuning (or retraining-free)",
+                       description="Fine-tune a local Hugging Face classifier on a CSV / JSONL file with the adaptive "
+                       "pruner (cubic schedule, gradual masks; --steps 0: a short profile and retraining-free pruning), "
+                       "evaluate on a held-out split before and after, and write the pruned model (read it with "
+                       "apt_salience.load_pruned(OUT_DIR)), report.md and the density figure into OUT_DIR.")
+    q.add_argument("model", metavar="MODEL_DIR", help="folder written by save_pretrained (model + tokenizer)")
+    q.add_argument("data", metavar="DATA", help=".csv/.tsv (header row) or .jsonl/.json (objects) with text and label")
+    q.add_argument("--keep", type=float, default=0.5, help="share of head + FFN parameters kept, in (0, 1] (default 0.5)")
+    q.add_argument("--out", required=True, metavar="OUT_DIR", help="new (or empty) folder for the pruned model and report")
+    q.add_argument("--steps", type=int, default=100, help="fine-tuning steps with the pruner (default 100; 0: retraining-free)")
+    q.add_argument("--text-column", default="text", help="column holding the text (default: text)")
+    q.add_argument("--label-column", default="label", help="column holding the class label (default: label)")
+    q.add_argument("--batch-size", type=int, default=16, help="examples per step (default 16)")
+    q.add_argument("--max-length", type=int, default=128, help="tokens per example (default 128)")
+    q.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (default 5e-5; linear warm-up and decay)")
+    q.add_argument("--config", default=None, metavar="YAML", help="config.yaml (tracker and pruning: sections; default: "
+                   "the recommended setting, fisher salience + scaled kurtosis)")
+    q.add_argument("--start-step", type=int, default=None, help="step at which the ramp starts (default: pruning.start_step)")
+    q.add_argument("--ramp-steps", type=int, default=None, help="length of the cubic ramp (default: from --steps)")
+    q.add_argument("--alpha", type=float, default=None, help="mask step per reading (default: pruning.alpha, 0.01)")
+    q.add_argument("--profile-steps", type=int, default=20, help="with --steps 0: profiling passes (default 20)")
+    q.add_argument("--eval-fraction", type=float, default=0.2, help="share of the rows held out for evaluation (default 0.2)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=_cmd_prune)
+
     r = sub.add_parser("report", parents=[common], help="figures and a Markdown summary from saved scores",
                        description="Render heatmaps, neuron / hidden salience curves, the density ranking with a "
                        "budget cut, and a Markdown summary from a scores JSON written by SalienceScores.save.")
     r.add_argument("scores", metavar="SCORES", help="scores JSON (SalienceScores.save, or scores.json of profile/demo)")
-    r.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    r.add_argument("--out", required=True, metavar="DIR", help="output folder (created; files of the same names in it are overwritten)")
     r.add_argument("--budget", type=_fraction, default=0.5, help="fraction of head + FFN parameters kept by the cut (default 0.5)")
     r.add_argument("--top", type=_positive_int, default=10, help="blocks listed at the top and bottom (default 10)")
     r.set_defaults(func=_cmd_report)
@@ -507,20 +778,70 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prune(args: argparse.Namespace) -> int:
+    s = prune(args.model, args.data, args.out, keep=args.keep, steps=args.steps, text_column=args.text_column,
+              label_column=args.label_column, batch_size=args.batch_size, max_length=args.max_length, lr=args.lr,
+              config=args.config, start_step=args.start_step, ramp_steps=args.ramp_steps, alpha=args.alpha,
+              profile_steps=args.profile_steps, eval_fraction=args.eval_fraction, seed=args.seed,
+              progress=not args.quiet)
+    print(f"pruned '{args.model}' {s['mode']}: parameters {s['params_before']:,} -> {s['params_after']:,}, "
+          f"held-out accuracy {s['accuracy_before']:.3f} -> {s['accuracy_after']:.3f} ({s['seconds']['total']:.1f} s)")
+    print(f"pruned model and report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+_SCORE_FIELDS = ("salience", "kurtosis", "outlier_aware", "param_count", "density", "sites")
+
+
+def _check_scores_file(path: Path, raw: Any) -> None:
+    """Name the first field a scores JSON lacks (instead of a bare KeyError)."""
+    from .scores import KINDS
+
+    where = f"'{path}' is not an apt_salience scores file"
+    if not isinstance(raw, dict):
+        raise CliError(f"{where}: it holds a {type(raw).__name__}, not an object with 'step' and the block kinds")
+    if "step" not in raw:
+        raise CliError(f"{where}: missing field 'step'")
+    kinds = [k for k in KINDS if raw.get(k) is not None]
+    if not kinds:
+        raise CliError(f"{where}: no block kind ({', '.join(KINDS)}) in it")
+    for kind in kinds:
+        block = raw[kind]
+        if not isinstance(block, dict):
+            raise CliError(f"{where}: field '{kind}' is a {type(block).__name__}, not an object")
+        for f in _SCORE_FIELDS:
+            if f not in block:
+                raise CliError(f"{where}: the '{kind}' scores have no field '{f}' (expected: {', '.join(_SCORE_FIELDS)})")
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import render_report
-    from .scores import SalienceScores
+    from .scores import SalienceScores, read_json
 
     path = Path(args.scores)
     if not path.exists():
         raise CliError(f"scores file '{path}' does not exist")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out '{out}' exists and is not a folder; give a folder (it is created if missing, and "
+                       "files of the same names in it are overwritten)")
+    raw = read_json(path, "scores")
+    _check_scores_file(path, raw)
     try:
-        scores = SalienceScores.load(path)
+        scores = SalienceScores.from_dict(raw)
     except (ValueError, KeyError, TypeError) as exc:
         raise CliError(f"'{path}' is not an apt_salience scores file: {_one_line(exc)}") from exc
     files = render_report(scores, args.out, budget=args.budget, top=args.top)
     print(f"wrote {len(files)} files to {Path(args.out)} (summary: {files['summary']})")
     return 0
+
+
+def _library_warnings() -> Tuple[type, ...]:
+    from .pruner import PruningWarning
+    from .selection import SelectionWarning
+    from .tracker import SalienceWarning
+
+    return (PruningWarning, SelectionWarning, SalienceWarning)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -534,7 +855,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not debug:
         logging.getLogger("apt_salience").setLevel(logging.WARNING)
     try:
-        return int(args.func(args))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", _library_warnings())
+            code = int(args.func(args))
+        for w in caught:
+            if issubclass(w.category, _library_warnings()):
+                print("apt-salience: warning: " + " ".join(str(w.message).split()), file=sys.stderr)
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        return code
     except KeyboardInterrupt:
         print("apt-salience: interrupted", file=sys.stderr)
         return 130

@@ -19,7 +19,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union, cast
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import yaml
 
@@ -29,7 +29,9 @@ __all__ = [
     "KurtosisConfig",
     "SalienceModeConfig",
     "SitesConfig",
+    "PruningConfig",
     "load_config",
+    "pruning_config",
     "PRESET_NAMES",
 ]
 
@@ -70,6 +72,26 @@ class SitesConfig:
 
 
 @dataclass(frozen=True)
+class PruningConfig:
+    """The ``pruning:`` section: settings of :class:`~apt_salience.AdaptivePruner`, the Trainer callback and ``prune``.
+
+    ``ramp_steps`` None means: the :class:`~apt_salience.integrations.huggingface.AdaptivePruningCallback`
+    and ``apt-salience prune`` derive it from the length of training
+    (:func:`apt_salience.pruner.auto_ramp_steps`); :class:`~apt_salience.AdaptivePruner` needs a number.
+    """
+
+    keep_ratio: float = 0.5
+    start_step: int = 0
+    ramp_steps: Optional[int] = None
+    alpha: float = 0.01
+    kinds: Tuple[str, ...] = ("head", "neuron")
+    score: str = "outlier_aware"  # outlier_aware | salience
+    allocation: str = "global"
+    calibration: str = "none"
+    min_per_site: int = 1
+
+
+@dataclass(frozen=True)
 class SalienceConfig:
     """The validated configuration of a :class:`~apt_salience.SalienceTracker`.
 
@@ -85,16 +107,20 @@ class SalienceConfig:
     salience: SalienceModeConfig = field(default_factory=SalienceModeConfig)
     kurtosis: KurtosisConfig = field(default_factory=KurtosisConfig)
     sites: SitesConfig = field(default_factory=SitesConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain nested dict, the same shape as ``config.yaml`` (round-trips through :func:`load_config`)."""
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["pruning"]["kinds"] = list(self.pruning.kinds)  # YAML has lists, not tuples
+        return d
 
 
 _SECTIONS: Dict[str, type] = {
     "salience": SalienceModeConfig,
     "kurtosis": KurtosisConfig,
     "sites": SitesConfig,
+    "pruning": PruningConfig,
 }
 _CHOICES: Dict[str, tuple] = {
     "sync": ("auto", "off"),
@@ -102,7 +128,11 @@ _CHOICES: Dict[str, tuple] = {
     "salience.mode": ("compressed", "taylor", "fisher"),
     "kurtosis.source": ("activation", "output"),
     "kurtosis.combine": ("add", "scaled"),
+    "pruning.score": ("outlier_aware", "salience"),
 }
+
+#: Block kinds the pruner may prune (``pruning.kinds``).
+PRUNABLE = ("head", "neuron", "hidden")
 
 
 def _unknown_key(key: str, valid: Any, where: str) -> ConfigError:
@@ -139,12 +169,7 @@ def _check_beta(key: str, value: Any) -> float:
 
 
 def _check_choice(key: str, value: Any) -> str:
-    allowed = _CHOICES[key]
-    if not isinstance(value, str) or value not in allowed:
-        close = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.5)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"config key '{key}' got {value!r}; allowed: {', '.join(allowed)}.{hint}")
-    return value
+    return _one_of(f"config key '{key}'", value, _CHOICES[key])
 
 
 def _check_regex(key: str, value: Any) -> Optional[str]:
@@ -160,6 +185,8 @@ def _check_regex(key: str, value: Any) -> Optional[str]:
 
 
 def _validate_section(name: str, raw: Any) -> Any:
+    if name == "pruning":
+        return _validate_pruning(raw, PruningConfig(), lambda key: f"config key 'pruning.{key}'", unknown_prefix="pruning.")
     cls = _SECTIONS[name]
     if raw is None:
         return cls()
@@ -182,6 +209,89 @@ def _validate_section(name: str, raw: Any) -> Any:
         else:  # the site regexes
             out[key] = _check_regex(full, value)
     return cls(**out)
+
+
+def _registry(key: str) -> Tuple[str, ...]:
+    from . import selection  # the registries can be extended at run time: read them now
+
+    return tuple(sorted(selection.ALLOCATIONS if key == "allocation" else selection.CALIBRATIONS))
+
+
+def _one_of(where: str, value: Any, allowed: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        close = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.5)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{where} got {value!r}; allowed: {', '.join(allowed)}.{hint}")
+    return value
+
+
+def _pruning_value(key: str, value: Any, where: str) -> Any:
+    """One validated ``pruning`` value; ``where`` names it in the error ("config key 'pruning.alpha'" or "alpha")."""
+    if key in ("keep_ratio", "alpha"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ConfigError(f"{where} must be a number with 0 < {key} <= 1, got {value!r}")
+        return float(value)
+    if key in ("start_step", "min_per_site"):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{where} must be an integer >= 0, got {value!r}")
+        return value
+    if key == "ramp_steps":
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{where} must be an integer >= 1 (or null: derived from the training length), "
+                              f"got {value!r}")
+        return value
+    if key == "kinds":
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not items or any(k not in PRUNABLE for k in items) \
+                or len(set(items)) != len(items):
+            raise ConfigError(f"{where} must be a non-empty list of distinct kinds from {', '.join(PRUNABLE)}, "
+                              f"got {value!r}")
+        return tuple(k for k in PRUNABLE if k in items)  # canonical order
+    if key == "score":
+        return _one_of(where, value, _CHOICES["pruning.score"])
+    return _one_of(where, value, _registry(key))  # allocation, calibration
+
+
+def _validate_pruning(raw: Any, base: PruningConfig, where: Any, unknown_prefix: Optional[str]) -> PruningConfig:
+    if raw is None:
+        return base
+    if isinstance(raw, PruningConfig):
+        raw = dataclasses.asdict(raw)
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config key 'pruning' must be a mapping of keys to values, got {raw!r}")
+    valid = {f.name for f in dataclasses.fields(PruningConfig)}
+    out: Dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in valid:
+            if unknown_prefix is None:
+                raise TypeError(f"unknown pruning option {key!r}; valid: {', '.join(sorted(valid))}")
+            raise _unknown_key(str(key), valid, unknown_prefix)
+        out[key] = _pruning_value(key, value, where(key))
+    return dataclasses.replace(base, **out)
+
+
+def pruning_config(base: Optional[PruningConfig] = None, **overrides: Any) -> PruningConfig:
+    """``base`` (default: the defaults) with the given keyword arguments validated and applied; None means unchanged.
+
+    Errors name the argument, the value and what is allowed.
+
+    Args:
+        base: the section to start from (e.g. ``load_config(path).pruning``).
+        **overrides: ``keep_ratio``, ``start_step``, ``ramp_steps``, ``alpha``, ``kinds``, ``score``,
+            ``allocation``, ``calibration``, ``min_per_site``.
+
+    Example:
+        >>> pruning_config(keep_ratio=0.4, ramp_steps=None).keep_ratio
+        0.4
+        >>> pruning_config(alpha=2)
+        Traceback (most recent call last):
+        ...
+        apt_salience.config.ConfigError: alpha must be a number with 0 < alpha <= 1, got 2
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return _validate_pruning(given, base or PruningConfig(), lambda key: key, unknown_prefix=None)
 
 
 def _validate(raw: Mapping[str, Any]) -> SalienceConfig:

@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 from .architectures import Site, find_sites, linear_dims, linear_weight
 from .config import load_config
+from .pruner import RECOMMENDED_CONFIG  # the tracker config recommended for pruning: a second tracker uses it
 
 __all__ = [
     "LABELS",
@@ -480,9 +481,6 @@ METHODS: Tuple[Tuple[str, str], ...] = (
     ("random", "random"),
     ("recommended: fisher salience + scaled kurtosis", "recommended"),
 )
-
-#: The tracker config recommended for pruning (docs/score_quality.md): a second tracker observes the same fine-tune.
-RECOMMENDED_CONFIG: Dict[str, Any] = {"salience": {"mode": "fisher"}, "kurtosis": {"combine": "scaled"}}
 
 
 #: Tweets held out from fine-tuning by the demo (the first ``eval_size`` of them are evaluated).

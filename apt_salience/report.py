@@ -42,7 +42,7 @@ from torch import Tensor
 
 from .scores import BlockScores, SalienceScores
 
-__all__ = ["render_report", "ReportDependencyError", "PLOT_INSTALL_HINT", "block_table", "site_label"]
+__all__ = ["render_report", "density_figure", "ReportDependencyError", "PLOT_INSTALL_HINT", "block_table", "site_label"]
 
 #: The command that installs what the report needs.
 PLOT_INSTALL_HINT = 'pip install matplotlib   (or: pip install "apt-salience[plot]")'
@@ -261,6 +261,37 @@ def _density_plot(plt: Any, scores: SalienceScores, keep_ratio: float, sel: Any,
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def density_figure(scores: SalienceScores, path: Union[str, "os.PathLike[str]"], *, selection: Any = None,
+                   keep_ratio: float = 0.5) -> Path:
+    """Write ``density_ranking.png``-style figure: heads and neurons by density, the kept blocks marked.
+
+    Args:
+        scores: a reading with head and/or neuron blocks.
+        path: the PNG to write.
+        selection: the :class:`~apt_salience.selection.Selection` to mark (e.g. ``pruner.final_selection``);
+            default: ``select_blocks`` at ``keep_ratio`` on outlier-aware density.
+        keep_ratio: the budget of the default cut.
+
+    Example:
+        >>> import tempfile, torch, os
+        >>> from apt_salience.scores import BlockScores, SalienceScores
+        >>> b = BlockScores.build(salience=torch.tensor([1., 3.]), kurtosis=torch.zeros(2),
+        ...     outlier_aware=torch.tensor([1., 3.]), param_count=torch.ones(2), sites=[("l.0.fc2", 2)])
+        >>> p = density_figure(SalienceScores(step=1, d_model=1, neuron=b), os.path.join(tempfile.mkdtemp(), "d.png"))
+        >>> p.is_file()
+        True
+    """
+    if scores.head is None and scores.neuron is None:
+        raise ValueError("the scores have no head or neuron blocks to rank")
+    plt = _pyplot()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sel = selection if selection is not None else _budget_cut(scores, keep_ratio)
+    share = float(sel.params_kept / sel.params_total) if sel is not None and sel.params_total else keep_ratio
+    with plt.rc_context({"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10}):
+        return _density_plot(plt, scores, share, sel, out)
 
 
 def block_table(scores: SalienceScores, kind: str, top: int = 10, *, field: str = "density") -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:

@@ -1,4 +1,4 @@
-"""Budgeted block selection (APT Eq. 13-14), the cubic sparsity schedule and the gradual mask update.
+"""Budgeted block selection (APT Eq. 13-14).
 
 :func:`select_blocks` ranks the heads, FFN neurons and hidden dimensions of a
 :class:`~apt_salience.scores.SalienceScores` reading by density (score / parameter count)
@@ -716,50 +716,13 @@ def _forced(prob: SelectionProblem, min_per_site: int, n_sites: int) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Schedule and gradual masks
+# The schedule and the gradual mask update live in apt_salience.pruner, beside the pruner that uses
+# them; they stay importable from here.
 
 
-def cubic_keep_ratio(step: int, total_steps: int, final_ratio: float) -> float:
-    """APT's cubic schedule of the kept fraction: ``gamma_t = gamma_T + (1 - gamma_T) (1 - t/T)^3``.
+def __getattr__(name: str) -> Any:
+    if name in ("cubic_keep_ratio", "update_masks"):
+        from . import pruner
 
-    ``t`` is clamped to ``[0, T]``: 1 at the start, ``final_ratio`` from step ``T`` on.
-
-    Example:
-        >>> [round(cubic_keep_ratio(t, 100, 0.4), 6) for t in (0, 50, 100, 200)]
-        [1.0, 0.475, 0.4, 0.4]
-    """
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
-        raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be an int >= 0, got {step!r}")
-    if isinstance(final_ratio, bool) or not isinstance(final_ratio, (int, float)) or not 0 < final_ratio <= 1:
-        raise ValueError(f"final_ratio must be a number in (0, 1], got {final_ratio!r}")
-    t = min(step, total_steps) / total_steps
-    return float(final_ratio + (1.0 - final_ratio) * (1.0 - t) ** 3)
-
-
-def update_masks(
-    masks: Optional[Mapping[str, Tensor]], selection: Selection, alpha: float = 0.01
-) -> Dict[str, Tensor]:
-    """The gradual mask update: kept blocks ``+alpha``, pruned ``-alpha``, clamped to ``[0, 1]``.
-
-    ``masks`` None starts from all ones. Returns new float32 tensors ``{kind: mask}``.
-
-    Example:
-        >>> import torch
-        >>> from apt_salience.selection import Selection, BlockLayout, update_masks
-        >>> lay = BlockLayout({"neuron": (("fc2", 3),)}, {"fc2": 1}, {"fc2": "l0"}, 2)
-        >>> sel = Selection(None, torch.tensor([True, False, True]), None, 0., 1., 1., lay)
-        >>> update_masks({"neuron": torch.tensor([1.0, 0.005, 0.5])}, sel, alpha=0.01)["neuron"].tolist()
-        [1.0, 0.0, 0.5099999904632568]
-    """
-    if not isinstance(selection, Selection):
-        raise TypeError(f"selection must be a Selection, got {type(selection).__name__}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
-        raise ValueError(f"alpha must be a number in (0, 1], got {alpha!r}")
-    cur = selection.layout.check_masks(masks, "masks") if masks is not None else {}
-    out: Dict[str, Tensor] = {}
-    for kind, keep in selection.masks().items():
-        m = cur.get(kind, torch.ones(keep.numel(), dtype=torch.float32))
-        out[kind] = torch.where(keep, m + alpha, m - alpha).clamp_(0.0, 1.0)
-    return out
+        return getattr(pruner, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

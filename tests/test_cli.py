@@ -408,3 +408,151 @@ def test_console_entry_point_exit_status(tmp_path: Path) -> None:
                            "--out", str(tmp_path / "r")], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"apt-salience: error: scores file '{tmp_path / 'missing.json'}' does not exist"]
+
+
+# ------------------------------------------------------------------------------------------------
+# prune
+
+
+def _prune_args(model: Path, data: Path, out: Path, *extra: str) -> List[str]:
+    return ["prune", str(model), str(data), "--out", str(out), "--text-column", "review", "--label-column",
+            "sentiment", "--batch-size", "4", "--quiet", *extra]
+
+
+def _head_ffn_weights(model: Any) -> int:
+    total = 0
+    for layer in model.bert.encoder.layer:
+        s = layer.attention.self
+        for lin in (s.query, s.key, s.value, layer.attention.output.dense, layer.intermediate.dense, layer.output.dense):
+            total += lin.weight.numel()
+    return total
+
+
+def _held_out(n: int, fraction: float = 0.2, seed: int = 0) -> List[int]:
+    import random
+
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order[: int(round(n * fraction))]
+
+
+@pytest.mark.parametrize("extra,mode", [(("--steps", "6", "--ramp-steps", "2", "--alpha", "0.5"), "during fine-tuning"),
+                                        (("--steps", "0", "--profile-steps", "2"), "retraining-free")])
+def test_prune_end_to_end(bert_dir: Path, csv_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                          extra: Tuple[str, ...], mode: str) -> None:
+    import apt_salience
+
+    out = tmp_path / "pruned"
+    rc, stdout, err = _run(_prune_args(bert_dir, csv_file, out, "--keep", "0.5", *extra), capsys)
+    assert rc == 0, err
+    assert "Traceback" not in err and str(out / "report.md") in stdout
+    summary = json.loads((out / "prune.json").read_text())
+    assert summary["mode"] == mode
+    model = apt_salience.load_pruned(out)
+    dense = tf.BertForSequenceClassification.from_pretrained(bert_dir)
+    assert sum(p.numel() for p in model.parameters()) == summary["params_after"] < summary["params_before"]
+    assert summary["params_before"] == sum(p.numel() for p in dense.parameters())
+    # head + FFN weights from the shapes: at most half of the dense model's
+    assert _head_ffn_weights(model) <= 0.5 * _head_ffn_weights(dense)
+    assert _head_ffn_weights(dense) == LAYERS * (4 * HIDDEN * HIDDEN + 2 * FFN * HIDDEN)
+    # the reported accuracy is the saved model's on the held-out rows (found here by the same seeded shuffle)
+    tok = tf.AutoTokenizer.from_pretrained(out)
+    rows = [ROWS[i] for i in _held_out(len(ROWS))]
+    enc = tok([t for t, _ in rows], padding=True, truncation=True, max_length=128, return_tensors="pt")
+    with torch.no_grad():
+        pred = model(**enc).logits.argmax(-1)
+    labels = torch.tensor([int(lab == "pos") for _, lab in rows])  # neg -> 0, pos -> 1
+    assert summary["accuracy_after"] == pytest.approx(float((pred == labels).float().mean()))
+    md = (out / "report.md").read_text()
+    for needle in ("parameters (all)", "head + FFN parameters", "held-out accuracy", "Time:", "density_ranking.png",
+                   f"{summary['params_after']:,}"):
+        assert needle in md, needle
+    _check_png(out / "density_ranking.png")
+
+
+@pytest.mark.parametrize("change,needles", [
+    (("model", "missing"), ("does not exist",)),
+    (("data", "missing.csv"), ("missing.csv", "does not exist")),
+    (("--text-column", "body"), ("column 'body'", "--text-column")),
+    (("--label-column", "stars"), ("column 'stars'", "--label-column")),
+    (("--keep", "0"), ("--keep", "(0, 1]", "got 0")),
+    (("--keep", "1.5"), ("--keep", "got 1.5")),
+    (("--steps", "-1"), ("--steps must be >= 0",)),
+    (("--alpha", "2"), ("alpha", "got 2")),
+    (("--ramp-steps", "0"), ("ramp_steps", "got 0")),
+    (("--eval-fraction", "1"), ("--eval-fraction",)),
+    (("--batch-size", "0"), ("--batch-size must be >= 1",)),
+    (("--profile-steps", "0"), ("--profile-steps must be >= 1",)),
+    (("--start-step", "5"), ("--start-step 5", "--steps 2")),
+])
+def test_prune_errors_are_one_line(bert_dir: Path, csv_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                   change: Tuple[str, str], needles: Tuple[str, ...]) -> None:
+    model, data = bert_dir, csv_file
+    args = _prune_args(bert_dir, csv_file, tmp_path / "o", "--steps", "2")
+    if change[0] == "model":
+        model = tmp_path / change[1]
+        args[1] = str(model)
+    elif change[0] == "data":
+        args[2] = str(tmp_path / change[1])
+    elif change[0] in args:
+        args[args.index(change[0]) + 1] = change[1]
+    else:
+        args += list(change)
+    rc, _, err = _run(args, capsys)
+    _assert_one_line_error(rc, err, *needles)
+    assert not (tmp_path / "o").exists()  # failed before anything was written
+
+
+def test_prune_refuses_an_existing_output(bert_dir: Path, csv_file: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    rc, _, err = _run(_prune_args(bert_dir, csv_file, full), capsys)
+    _assert_one_line_error(rc, err, str(full), "not empty")
+    assert (full / "keep.txt").read_text() == "mine"
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    rc, _, err = _run(_prune_args(bert_dir, csv_file, afile), capsys)
+    _assert_one_line_error(rc, err, str(afile), "not a folder")
+    bad_cfg = tmp_path / "c.yaml"
+    bad_cfg.write_text("pruning:\n  keep: 0.5\n")
+    rc, _, err = _run(_prune_args(bert_dir, csv_file, tmp_path / "o", "--config", str(bad_cfg)), capsys)
+    _assert_one_line_error(rc, err, "pruning.keep", "keep_ratio")
+    slow = tmp_path / "slow.yaml"
+    slow.write_text("update_frequency: 5\n")
+    rc, _, err = _run(_prune_args(bert_dir, csv_file, tmp_path / "o", "--config", str(slow), "--steps", "2"), capsys)
+    _assert_one_line_error(rc, err, "update_frequency (5)", "no reading would be published")
+    two = tmp_path / "two.csv"
+    two.write_text("review,sentiment\ngood,pos\nbad,neg\n")
+    rc, _, err = _run(_prune_args(bert_dir, two, tmp_path / "o"), capsys)
+    _assert_one_line_error(rc, err, "2 usable rows", "--eval-fraction")
+    assert not (tmp_path / "o").exists()
+
+
+def test_report_names_the_missing_field_and_refuses_a_file_as_out(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    block = {"salience": [1.0], "outlier_aware": [1.0], "param_count": [1.0], "density": [1.0], "sites": [["l.0.fc2", 1]]}
+    scores = tmp_path / "s.json"
+    scores.write_text(json.dumps({"step": 1, "d_model": 1, "meta": {}, "neuron": block}))
+    rc, _, err = _run(["report", str(scores), "--out", str(tmp_path / "r")], capsys)
+    _assert_one_line_error(rc, err, "not an apt_salience scores file", "the 'neuron' scores have no field 'kurtosis'")
+    assert "KeyError" not in err
+    nostep = tmp_path / "n.json"
+    nostep.write_text(json.dumps({"neuron": block}))
+    rc, _, err = _run(["report", str(nostep), "--out", str(tmp_path / "r")], capsys)
+    _assert_one_line_error(rc, err, "missing field 'step'")
+    good = tmp_path / "g.json"
+    good.write_text(json.dumps({"step": 1, "d_model": 1, "meta": {}, "neuron": {**block, "kurtosis": [0.0]}}))
+    existing = tmp_path / "existing.txt"
+    existing.write_text("x")
+    rc, _, err = _run(["report", str(good), "--out", str(existing)], capsys)
+    _assert_one_line_error(rc, err, str(existing), "exists and is not a folder")
+    assert "Errno" not in err
+    # an existing folder is written into (files of the same names overwritten), deliberately
+    folder = tmp_path / "r2"
+    folder.mkdir()
+    (folder / "summary.md").write_text("old")
+    rc, _, err = _run(["report", str(good), "--out", str(folder)], capsys)
+    assert rc == 0, err
+    assert (folder / "summary.md").read_text() != "old"

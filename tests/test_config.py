@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from apt_salience import ConfigError, SalienceConfig, load_config
-from apt_salience.config import PRESET_NAMES, KurtosisConfig, SalienceModeConfig, SitesConfig
+from apt_salience.config import PRESET_NAMES, KurtosisConfig, PruningConfig, SalienceModeConfig, SitesConfig, pruning_config
 
 REPO_CONFIG = Path(__file__).resolve().parents[1] / "config.yaml"
 
@@ -46,6 +46,9 @@ def test_defaults_match_the_design() -> None:
     assert cfg.salience == SalienceModeConfig("compressed")
     assert cfg.kurtosis == KurtosisConfig(enabled=True, source="activation", excess=False, combine="add")
     assert cfg.sites == SitesConfig(None, None, None, None)
+    assert cfg.pruning == PruningConfig(keep_ratio=0.5, start_step=0, ramp_steps=None, alpha=0.01,
+                                        kinds=("head", "neuron"), score="outlier_aware", allocation="global",
+                                        calibration="none", min_per_site=1)
 
 
 def test_config_is_frozen() -> None:
@@ -98,6 +101,8 @@ FULL = {
     "salience": {"mode": "fisher"},
     "kurtosis": {"enabled": False, "source": "output", "excess": True, "combine": "scaled"},
     "sites": {"heads": r".*\.attn\.o", "neurons": r".*\.mlp\.down", "adapters": r".*\.lora_B\.[^.]+", "head_dim": 8},
+    "pruning": {"keep_ratio": 0.4, "start_step": 10, "ramp_steps": 100, "alpha": 0.05, "kinds": ["head", "hidden"],
+                "score": "salience", "allocation": "uniform", "calibration": "site_mean", "min_per_site": 0},
 }
 
 
@@ -250,3 +255,51 @@ def test_yaml_that_is_not_a_mapping(tmp_path: Path) -> None:
 def test_wrong_config_type() -> None:
     with pytest.raises(ConfigError, match=r"config must be None, a path to a YAML file, a dict or a SalienceConfig; got int"):
         load_config(5)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- the pruning: section
+@pytest.mark.parametrize(
+    "raw,pattern",
+    [
+        ({"keep_ratio": 0}, r"'pruning.keep_ratio' must be a number with 0 < keep_ratio <= 1, got 0"),
+        ({"keep_ratio": 1.2}, r"'pruning.keep_ratio' must be a number with 0 < keep_ratio <= 1, got 1.2"),
+        ({"keep_ratio": "half"}, r"'pruning.keep_ratio' must be a number .* got 'half'"),
+        ({"keep_ratio": True}, r"'pruning.keep_ratio' must be a number .* got True"),
+        ({"start_step": -1}, r"'pruning.start_step' must be an integer >= 0, got -1"),
+        ({"start_step": 1.5}, r"'pruning.start_step' must be an integer >= 0, got 1.5"),
+        ({"ramp_steps": 0}, r"'pruning.ramp_steps' must be an integer >= 1 \(or null: derived from the training length\), got 0"),
+        ({"ramp_steps": "long"}, r"'pruning.ramp_steps' must be an integer >= 1 .* got 'long'"),
+        ({"alpha": 0}, r"'pruning.alpha' must be a number with 0 < alpha <= 1, got 0"),
+        ({"alpha": 1.5}, r"'pruning.alpha' must be a number with 0 < alpha <= 1, got 1.5"),
+        ({"kinds": []}, r"'pruning.kinds' must be a non-empty list of distinct kinds from head, neuron, hidden, got \[\]"),
+        ({"kinds": ["head", "head"]}, r"'pruning.kinds' must be a non-empty list of distinct kinds .* got \['head', 'head'\]"),
+        ({"kinds": ["heads"]}, r"'pruning.kinds' must be .* got \['heads'\]"),
+        ({"kinds": 3}, r"'pruning.kinds' must be .* got 3"),
+        ({"score": "density"}, r"'pruning.score' got 'density'; allowed: outlier_aware, salience"),
+        ({"score": "salince"}, r"'pruning.score' got 'salince'; allowed: outlier_aware, salience\. Did you mean 'salience'\?"),
+        ({"allocation": "globl"}, r"'pruning.allocation' got 'globl'; allowed: global, relative, uniform\. Did you mean 'global'\?"),
+        ({"calibration": "mean"}, r"'pruning.calibration' got 'mean'; allowed: none, site_mean"),
+        ({"min_per_site": -1}, r"'pruning.min_per_site' must be an integer >= 0, got -1"),
+        ({"keep": 0.5}, r"unknown config key 'pruning.keep'\. Did you mean 'keep_ratio'\? Valid keys under pruning: "
+                        r"allocation, alpha, calibration, keep_ratio, kinds, min_per_site, ramp_steps, score, start_step"),
+    ],
+)
+def test_pruning_keys_name_key_value_and_allowed(raw: Dict[str, Any], pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        load_config({"pruning": raw})
+
+
+def test_pruning_section_values_and_overrides() -> None:
+    cfg = load_config({"pruning": {"kinds": "neuron", "ramp_steps": None, "keep_ratio": 1}})
+    assert cfg.pruning.kinds == ("neuron",) and cfg.pruning.ramp_steps is None and cfg.pruning.keep_ratio == 1.0
+    assert load_config({"pruning": {"kinds": ["neuron", "head"]}}).pruning.kinds == ("head", "neuron")  # model order
+    assert load_config({"pruning": None}).pruning == PruningConfig()
+    with pytest.raises(ConfigError, match=r"config key 'pruning' must be a mapping"):
+        load_config({"pruning": [1]})
+    # keyword overrides: the argument is named, None leaves the value
+    p = pruning_config(cfg.pruning, alpha=0.5, keep_ratio=None)
+    assert p.alpha == 0.5 and p.keep_ratio == 1.0 and p.kinds == ("neuron",)
+    with pytest.raises(ConfigError, match=r"^min_per_site must be an integer >= 0, got -2$"):
+        pruning_config(min_per_site=-2)
+    with pytest.raises(TypeError, match="unknown pruning option 'keep'"):
+        pruning_config(keep=0.5)

@@ -1,4 +1,4 @@
-"""Hugging Face ``Trainer`` integration: :class:`SalienceCallback`.
+"""Hugging Face ``Trainer`` integration: :class:`SalienceCallback` and :class:`AdaptivePruningCallback`.
 
 Importing this module imports ``transformers``; ``import apt_salience`` does not.
 
@@ -16,6 +16,11 @@ What the callback does, event by event:
   readable through ``callback.tracker.scores()``).
 * With ``mask_padding=True``, a forward pre-hook on the model wraps every training forward in
   ``tracker.token_mask(attention_mask, decoder_attention_mask)`` (padding tokens excluded).
+
+:class:`AdaptivePruningCallback` is a :class:`SalienceCallback` that also runs an
+:class:`~apt_salience.AdaptivePruner` (and, with ``tune_ranks=True``, an
+:class:`~apt_salience.AdaptiveTuner`) after each ``tracker.step()``, saves their state in every
+checkpoint, finalizes at the end of training and writes the pruned model to ``<output_dir>/pruned``.
 """
 
 from __future__ import annotations
@@ -23,21 +28,27 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Union
+from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Union
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..config import ConfigLike, SalienceConfig, load_config
+from ..config import ConfigLike, PruningConfig, SalienceConfig, load_config, pruning_config
+from ..pruner import RECOMMENDED_CONFIG, AdaptivePruner, auto_ramp_steps, plain_model
 from ..scores import SalienceScores
 from ..tracker import SalienceTracker, SalienceWarning, attach
+from ..tuning import AdaptiveTuner
 
-__all__ = ["SalienceCallback", "reading_scalars", "STATE_FILE", "state_file_name"]
+__all__ = ["SalienceCallback", "AdaptivePruningCallback", "reading_scalars", "STATE_FILE", "PRUNER_STATE_FILE",
+           "state_file_name"]
 
 logger = logging.getLogger("apt_salience")
 
 #: Name of the tracker state inside a checkpoint folder (single process).
 STATE_FILE = "apt_salience_tracker.pt"
+
+#: Name of the pruner (and tuner) state inside a checkpoint folder (the same on every rank; written by rank 0).
+PRUNER_STATE_FILE = "apt_salience_pruner.pt"
 
 
 def state_file_name(rank: int = 0, world_size: int = 1) -> str:
@@ -320,3 +331,220 @@ class SalienceCallback(TrainerCallback):
         if tracker.steps != state.global_step:
             logger.info("apt_salience: tracker state from %s has %d steps; the Trainer is at step %d",
                         path, tracker.steps, state.global_step)
+
+
+class AdaptivePruningCallback(SalienceCallback):
+    """Prune during fine-tuning with APT's schedule (and grow LoRA ranks) inside ``trainer.train()``.
+
+    A :class:`SalienceCallback` (the tracker's step, logs and checkpoint state are its) that, after
+    every ``tracker.step()``, steps an :class:`~apt_salience.AdaptivePruner` and, with
+    ``tune_ranks=True``, an :class:`~apt_salience.AdaptiveTuner` on the Trainer's optimizer. At each
+    reading the log entry also gets ``pruning/budget`` (the scheduled kept share ``gamma_t``),
+    ``pruning/kept_share`` (the share the latest selection keeps) and ``pruning/alive_share``
+    (masks above 0), plus ``tuning/lora_parameters`` when tuning. Every checkpoint folder gets
+    ``apt_salience_pruner.pt`` (masks, schedule, tuner ranks); a resumed run continues with them.
+    ``on_train_end`` finalizes (hard masks, physical pruning; a PEFT model's adapters are merged
+    first) and, on the main process, writes the pruned model with
+    :func:`~apt_salience.save_pruned` to ``<output_dir>/<save_to>`` (read it with
+    :func:`~apt_salience.load_pruned`), the tokenizer beside it. Modifies the Trainer's model in place.
+
+    Args:
+        keep_ratio, start_step, ramp_steps, alpha: the schedule (see :class:`~apt_salience.AdaptivePruner`);
+            None takes the config's ``pruning:`` section. ``ramp_steps`` None there too: derived from the
+            Trainer's ``max_steps`` (:func:`~apt_salience.pruner.auto_ramp_steps`).
+        config: the tracker config and its ``pruning:`` section (None, a YAML path, a dict, a
+            SalienceConfig). None: the setting recommended for pruning
+            (:data:`~apt_salience.RECOMMENDED_CONFIG`, fisher salience + scaled kurtosis) with the
+            default ``pruning:`` section.
+        tune_ranks: also grow LoRA ranks (a PEFT LoRA model) over the pruning ramp.
+        tuner_options: keyword arguments of :class:`~apt_salience.AdaptiveTuner` (``budget``,
+            ``num_growths``, ``fraction``, ...); its ``start_step`` / ``ramp_steps`` default to the pruner's.
+        save_to: folder under ``output_dir`` for the pruned model; None: not saved.
+        **kwargs: the other :class:`SalienceCallback` options (``mask_padding``, ``log_prefix``, ...).
+
+    Resuming with ``tune_ranks=True``: the Trainer loads the checkpoint's weights before any
+    callback runs, so grow the model to the saved ranks first with
+    ``AdaptivePruningCallback.restore_ranks(model, checkpoint_folder)``.
+
+    Example:
+        >>> import contextlib, io, tempfile, torch
+        >>> from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+        >>> from apt_salience.integrations.huggingface import AdaptivePruningCallback
+        >>> model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2,
+        ...     num_attention_heads=4, intermediate_size=64, vocab_size=100))
+        >>> data = [{"input_ids": torch.randint(0, 100, (8,)), "labels": torch.tensor(i % 2)} for i in range(8)]
+        >>> out = tempfile.mkdtemp()
+        >>> callback = AdaptivePruningCallback(keep_ratio=0.5, ramp_steps=2, alpha=0.5)
+        >>> args = TrainingArguments(out, max_steps=4, per_device_train_batch_size=2, report_to=[],
+        ...     save_strategy="no", use_cpu=True, disable_tqdm=True)
+        >>> trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+        >>> with contextlib.redirect_stdout(io.StringIO()):
+        ...     _ = trainer.train()
+        >>> callback.report.params_after < callback.report.params_before
+        True
+        >>> import os; os.path.isfile(os.path.join(out, "pruned", "apt_pruning.json"))
+        True
+    """
+
+    def __init__(
+        self,
+        keep_ratio: Optional[float] = None,
+        *,
+        start_step: Optional[int] = None,
+        ramp_steps: Optional[int] = None,
+        alpha: Optional[float] = None,
+        config: ConfigLike = None,
+        tune_ranks: bool = False,
+        tuner_options: Optional[Mapping[str, Any]] = None,
+        save_to: Optional[str] = "pruned",
+        **kwargs: Any,
+    ) -> None:
+        if "tracker" in kwargs:
+            raise TypeError("AdaptivePruningCallback attaches its own tracker; pass config= instead of tracker=")
+        cfg = load_config(config if config is not None else RECOMMENDED_CONFIG)
+        super().__init__(cfg, **kwargs)
+        # validate the overrides now, not at on_train_begin
+        self.pruning: PruningConfig = pruning_config(cfg.pruning, keep_ratio=keep_ratio, start_step=start_step,
+                                                     ramp_steps=ramp_steps, alpha=alpha)
+        self.tune_ranks = bool(tune_ranks)
+        self.tuner_options: Dict[str, Any] = dict(tuner_options or {})
+        bad = sorted(set(self.tuner_options) - {"budget", "num_growths", "growth_steps", "fraction", "score",
+                                                "adapter_name", "init_std", "seed", "start_step", "ramp_steps"})
+        if bad:
+            raise TypeError(f"unknown tuner_options {bad}; see apt_salience.AdaptiveTuner")
+        if save_to is not None and (not isinstance(save_to, str) or not save_to):
+            raise ValueError(f"save_to must be a folder name under output_dir or None, got {save_to!r}")
+        self.save_to = save_to
+        self.pruner: Optional[AdaptivePruner] = None
+        self.tuner: Optional[AdaptiveTuner] = None
+        #: the PruneReport of the last finalize (None before)
+        self.report: Optional[Any] = None
+        #: where the pruned model was written (None before, or when not saved)
+        self.saved_to: Optional[str] = None
+
+    @staticmethod
+    def restore_ranks(model: torch.nn.Module, checkpoint: Union[str, "os.PathLike[str]"]) -> Dict[str, int]:
+        """Grow ``model``'s LoRA layers to the ranks saved in a checkpoint (before ``trainer.train(resume_from_checkpoint=...)``).
+
+        Args:
+            model: the freshly built PEFT LoRA model.
+            checkpoint: a checkpoint folder written with ``tune_ranks=True``.
+
+        Returns the restored ``{layer: rank}`` (empty when the checkpoint has no tuner state). Modifies
+        the model in place (the new weights are placeholders until the Trainer loads the checkpoint).
+        """
+        from ..tuning import grow_lora_rank, lora_ranks
+
+        path = os.path.join(os.fspath(checkpoint), PRUNER_STATE_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {PRUNER_STATE_FILE} in '{os.fspath(checkpoint)}'")
+        saved = torch.load(path, map_location="cpu", weights_only=True).get("tuner")
+        if not saved:
+            return {}
+        ranks = {str(k): int(v) for k, v in saved["ranks"].items()}
+        adapter = str(saved.get("adapter_name", "default"))
+        modules = dict(model.named_modules())
+        now = lora_ranks(model, adapter)
+        for name, r in ranks.items():
+            if name not in modules or name not in now:
+                raise ValueError(f"the checkpoint's tuner state names LoRA layer '{name}', which this model lacks")
+            if r > now[name]:
+                grow_lora_rank(modules[name], r, adapter_name=adapter, std=0.0)
+        return ranks
+
+    # ------------------------------------------------------------------ events
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       model: Optional[torch.nn.Module] = None, **kwargs: Any) -> None:
+        super().on_train_begin(args, state, control, model=model, **kwargs)
+        tracker = self._tracker()
+        target = tracker.model
+        p = self.pruning
+        ramp = p.ramp_steps
+        if ramp is None:
+            total = int(state.max_steps or 0)
+            if total <= 0:
+                raise ValueError("AdaptivePruningCallback: ramp_steps is not set and the Trainer has no max_steps; "
+                                 "pass ramp_steps=")
+            uf = tracker.config.update_frequency if isinstance(tracker.config, SalienceConfig) else 1
+            ramp = auto_ramp_steps(total, p.start_step, p.alpha, uf)
+        self.pruner = AdaptivePruner(target, tracker, p.keep_ratio, start_step=p.start_step, ramp_steps=ramp,
+                                     alpha=p.alpha, kinds=p.kinds, score=p.score, allocation=p.allocation,
+                                     calibration=p.calibration, min_per_site=p.min_per_site)
+        self.tuner = None
+        if self.tune_ranks:
+            optimizer = kwargs.get("optimizer")
+            if optimizer is None:
+                raise ValueError("AdaptivePruningCallback(tune_ranks=True) needs the Trainer's optimizer at "
+                                 "on_train_begin")
+            opts = {"start_step": p.start_step, "ramp_steps": ramp, **self.tuner_options}
+            self.tuner = AdaptiveTuner(target, tracker, optimizer, **opts)
+        self.report = None
+        folder = self.loaded_from
+        path = os.path.join(folder, PRUNER_STATE_FILE) if folder is not None else None
+        if path is not None and os.path.isfile(path):
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if self.tuner is not None and saved.get("tuner"):
+                self.tuner.load_state_dict(saved["tuner"])
+            self.pruner.load_state_dict(saved["pruner"])
+        elif state.global_step > 0:
+            warnings.warn(f"apt_salience: the Trainer resumed at step {state.global_step} but no pruner state "
+                          f"({PRUNER_STATE_FILE}) was found; the pruning schedule starts again from step 0",
+                          SalienceWarning, stacklevel=2)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> TrainerControl:
+        control = super().on_step_end(args, state, control, **kwargs)
+        pruner = self._pruner()
+        updated = pruner.step()
+        if self.tuner is not None:
+            self.tuner.step()
+        if updated:
+            self._pending_logs.update({
+                "pruning/budget": pruner.current_keep_ratio,
+                "pruning/kept_share": pruner.kept_share,
+                "pruning/alive_share": pruner.alive_share,
+            })
+            if self.tuner is not None:
+                self._pending_logs["tuning/lora_parameters"] = float(self.tuner.lora_parameters)
+        return control
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                **kwargs: Any) -> None:
+        super().on_save(args, state, control, **kwargs)
+        if not state.is_world_process_zero:
+            return
+        folder = os.path.join(args.output_dir or ".", f"checkpoint-{state.global_step}")
+        os.makedirs(folder, exist_ok=True)
+        blob: Dict[str, Any] = {"pruner": self._pruner().state_dict()}
+        if self.tuner is not None:
+            blob["tuner"] = {**self.tuner.state_dict(), "adapter_name": self.tuner.adapter_name}
+        path = os.path.join(folder, PRUNER_STATE_FILE)
+        torch.save(blob, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        try:
+            pruner = self._pruner()
+            if not pruner.finalized:
+                self.report = pruner.finalize()
+                logger.info("apt_salience: pruned %d heads and %d neurons (%d -> %d parameters)",
+                            self.report.heads_removed, self.report.neurons_removed, self.report.params_before,
+                            self.report.params_after)
+            if self.save_to is not None and state.is_world_process_zero:
+                from ..pruning import save_pruned
+
+                folder = os.path.join(args.output_dir or ".", self.save_to)
+                save_pruned(plain_model(self.tracker.model if self.tracker is not None else pruner.model), folder)
+                tok = kwargs.get("processing_class")
+                if tok is not None and callable(getattr(tok, "save_pretrained", None)):
+                    tok.save_pretrained(folder)
+                self.saved_to = folder
+        finally:
+            super().on_train_end(args, state, control, **kwargs)
+
+    def _pruner(self) -> AdaptivePruner:
+        if self.pruner is None:
+            raise ValueError("AdaptivePruningCallback has no pruner yet: it builds one at on_train_begin")
+        return self.pruner
