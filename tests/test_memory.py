@@ -186,7 +186,9 @@ def _activation_tensors(tokens: int, channels: Set[int]) -> List[torch.Size]:
     gc.collect()
     out = []
     for o in gc.get_objects():
-        if isinstance(o, torch.Tensor) and o.dim() >= 2 and o.shape[-1] in channels and o.numel() == tokens * o.shape[-1]:
+        # real tensors only (a compiled graph elsewhere in the process leaves fake tensors with symbolic shapes)
+        if type(o) in (torch.Tensor, nn.Parameter) and o.dim() >= 2 and o.shape[-1] in channels \
+                and o.numel() == tokens * o.shape[-1]:
             out.append(o.shape)
     return out
 
