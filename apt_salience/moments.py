@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Iterable, Iterator, NamedTuple, Optional, Tuple
 
 import torch
@@ -155,19 +156,25 @@ def _use_chunks(x: Tensor) -> bool:
     return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
+#: ``_BINOM[k - 1, j] = C(k, j)`` and ``_EPOW[k - 1, j] = k - j`` for j <= k (zero weight above), k = 1..4.
+_BINOM = torch.tensor([[float(math.comb(k, j)) if j <= k else 0.0 for j in range(5)] for k in range(1, 5)],
+                      dtype=torch.float64)
+_EPOW = torch.tensor([[max(k - j, 0) for j in range(5)] for k in range(1, 5)], dtype=torch.long).reshape(-1)
+
+
 def _recentre(n: Tensor, shift: Tensor, d: Tensor, centre: Tensor) -> Tensor:
     """Power sums about ``centre`` from the sums ``d[k-1] = sum (x - shift)^k`` (k = 1..4), exactly.
 
-    ``sum (x - c)^k = sum_j C(k, j) e^(k-j) sum (x - shift)^j`` with ``e = shift - c`` (float64).
+    ``sum (x - c)^k = sum_j C(k, j) e^(k-j) sum (x - shift)^j`` with ``e = shift - c`` (float64),
+    as one small batched product (a handful of operations whatever the number of channels).
     """
     e = shift.to(torch.float64) - centre
-    d1, d2, d3, d4 = d.unbind(0)
-    e2 = e * e
-    s1 = d1 + n * e
-    s2 = d2 + 2 * e * d1 + n * e2
-    s3 = d3 + 3 * e * d2 + 3 * e2 * d1 + n * e2 * e
-    s4 = d4 + 4 * e * d3 + 6 * e2 * d2 + 4 * e2 * e * d1 + n * e2 * e2
-    return torch.stack([n.expand_as(e), s1, s2, s3, s4])
+    nvec = n.expand_as(e).unsqueeze(0)
+    epow = torch.cat([torch.ones_like(nvec), e.expand(4, -1).cumprod(0)])  # e^0 .. e^4, [5, C]
+    dall = torch.cat([nvec, d])  # sum (x - shift)^j, j = 0..4
+    binom = _BINOM.to(e.device)
+    s = (binom.unsqueeze(-1) * epow.index_select(0, _EPOW.to(e.device)).view(4, 5, -1) * dall.unsqueeze(0)).sum(1)
+    return torch.cat([nvec, s])
 
 
 def power_sums(x: Tensor, centre: Optional[Tensor], order: int, *, index: Optional[Tensor] = None,
@@ -226,6 +233,14 @@ def _power_sums_chunked(x: Tensor, centre: Optional[Tensor], order: int, index: 
         return (a64.float() if a64 is not None else None), torch.stack([n.expand_as(tot), tot - n * centre])
     if num == 0:
         return (a64.float() if a64 is not None else None), torch.zeros(5, channels, dtype=torch.float64, device=dev)
+    if num <= rows:  # one cache-sized chunk: select / convert it once and reduce it directly
+        c = next(_row_chunks(x, index, rows, acc))
+        shift = c.mean(dim=0)
+        dc = c - shift
+        d2 = dc.square()
+        sums = torch.stack([dc.sum(dim=0), d2.sum(dim=0), (dc * d2).sum(dim=0), d2.square_().sum(dim=0)])
+        a = c.abs().sum(dim=0).float() if abs_sum else None
+        return a, _recentre(n, shift, sums.to(torch.float64), centre)
     if index is None and x.dtype == acc:
         shift = x.mean(dim=0)
     else:
