@@ -208,7 +208,8 @@ def power_sums(x: Tensor, centre: Optional[Tensor], order: int, *, index: Option
         if keep is not None and index is None:
             index = keep.nonzero().squeeze(1)
         return _power_sums_chunked(x, centre, order, index, abs_sum)
-    return _power_sums_whole(x, centre, order, index, keep, abs_sum)
+    a, sums, _ = _power_sums_whole(x, centre, order, index, keep, abs_sum)
+    return a, sums
 
 
 def _power_sums_chunked(x: Tensor, centre: Optional[Tensor], order: int, index: Optional[Tensor],
@@ -263,8 +264,13 @@ def _power_sums_chunked(x: Tensor, centre: Optional[Tensor], order: int, index: 
 
 
 def _power_sums_whole(x: Tensor, centre: Optional[Tensor], order: int, index: Optional[Tensor], keep: Optional[Tensor],
-                      abs_sum: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """The same sums as whole-tensor expressions (a compiler fuses them into one or two passes)."""
+                      abs_sum: bool, centre_set: Optional[Tensor] = None
+                      ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """The same sums as whole-tensor expressions (a compiler fuses them into one or two passes).
+
+    With ``centre_set`` (a bool scalar), an unset centre is replaced by the batch's own mean
+    (rounded to float32, as it is stored); the centre used is returned third.
+    """
     acc = _acc_dtype(x)
     if index is not None:
         x = x.index_select(0, index)
@@ -277,19 +283,36 @@ def _power_sums_whole(x: Tensor, centre: Optional[Tensor], order: int, index: Op
         n = torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)
     a = xa.abs().sum(dim=0, dtype=torch.float32) if abs_sum else None
     if order == 0:
-        return a, None
+        return a, None, None
     assert centre is not None
     tot = xa.sum(dim=0, dtype=torch.float64)
+    mean = tot / n.clamp_min(1)
+    if centre_set is not None:
+        centre = torch.where(centre_set, centre.float(), mean.float())
+    c64 = centre.double()
     if order == 1:
-        return a, torch.stack([n.expand_as(tot), tot - n * centre])
-    shift = (tot / n.clamp_min(1)).to(acc)
+        return a, torch.stack([n.expand_as(tot), tot - n * c64]), centre
+    shift = mean.to(acc)
     dc = xa - shift
     if keep is not None:
         dc = torch.where(keep.unsqueeze(1), dc, 0.0)
     d2 = dc * dc
     d = torch.stack([dc.sum(0, dtype=torch.float64), d2.sum(0, dtype=torch.float64),
                      (d2 * dc).sum(0, dtype=torch.float64), (d2 * d2).sum(0, dtype=torch.float64)])
-    return a, _recentre(n, shift, d, centre)
+    return a, _recentre(n, shift, d, c64), centre
+
+
+def power_sums_first_centre(x: Tensor, centre: Tensor, centre_set: Tensor, order: int, *, keep: Optional[Tensor] = None,
+                            abs_sum: bool = False) -> Tuple[Optional[Tensor], Tensor, Tensor]:
+    """:func:`power_sums` as whole-tensor expressions, about ``centre`` or, where ``centre_set`` is
+    False, about the batch's own mean (float32). Returns ``(sum |x| or None, sums, centre used)``.
+
+    Used inside compiled graphs, where the first forward cannot be told apart by a Python flag
+    without compiling a second graph.
+    """
+    a, sums, used = _power_sums_whole(x, centre, order, None, keep, abs_sum, centre_set)
+    assert sums is not None and used is not None
+    return a, sums, used
 
 
 def abs_sum_rows(g: Tensor, *, index: Optional[Tensor] = None, keep: Optional[Tensor] = None) -> Tensor:
@@ -300,7 +323,7 @@ def abs_sum_rows(g: Tensor, *, index: Optional[Tensor] = None, keep: Optional[Te
         _, a = _moments_and_abs_sum(g, order=0, index=index, abs_sum=True)
         assert a is not None
         return a
-    a, _ = _power_sums_whole(g, None, 0, index, keep, True)
+    a, _, _ = _power_sums_whole(g, None, 0, index, keep, True)
     assert a is not None
     return a
 

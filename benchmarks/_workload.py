@@ -104,6 +104,7 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
     acc: Dict[str, torch.Tensor] = {}
     times: List[float] = []
     cpu: List[float] = []
+    warm: List[float] = []  # wall time of the warm-up steps (they include compilation under torch.compile)
     gc.collect()
     for i in range(spec["warmup"] + spec["steps"]):
         ids, labels = batches[i % 2]
@@ -122,12 +123,17 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
         if i >= spec["warmup"]:
             times.append(t1 - t0)
             cpu.append(c1 - c0)
+        else:
+            warm.append(t1 - t0)
     res: Dict[str, Any] = {
         "spec": spec,
         "times": times,
         "median_s": statistics.median(times),
         "cpu": cpu,
         "median_cpu_s": statistics.median(cpu),
+        "warmup_s": warm,
+        # compilation time: the warm-up steps beyond what they would take at the compiled speed
+        "compile_s": max(0.0, sum(warm) - len(warm) * statistics.median(times)) if spec.get("compile", "none") != "none" else 0.0,
         "peak_rss_mib": peak_rss_mib(),
         "params": sum(p.numel() for p in model.parameters()),
         "trainable": sum(p.numel() for p in params),

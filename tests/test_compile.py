@@ -124,7 +124,8 @@ def test_compiled_scenario_equals_eager_with_every_safety_property() -> None:
     """Masks, accumulation, update_frequency 2, a poisoned micro-batch (dropped whole, counted), a forward
     whose gradient never comes (ignored), GradScaler with a growing scale (divided out)."""
     t_eager, t_comp, r_eager, r_comp = _pair(
-        "bert", 1, "aot_eager", {"update_frequency": 2}, steps=4, poison_step=1, stray_forward=True,
+        "bert", 1, "aot_eager", {"update_frequency": 2}, compile_kw={"fullgraph": True}, steps=4, poison_step=1,
+        stray_forward=True,
         scaler_factory=lambda: torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1),
         optimizer_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.0))
     assert t_comp.dropped_microbatches == t_eager.dropped_microbatches == 1
@@ -163,10 +164,14 @@ def test_compiled_gradient_checkpointing_counts_each_activation_once(reentrant: 
     tracker.remove()
 
 
-@pytest.mark.parametrize("case", ["llama", "t5", "gpt2", "opt", "vit", "peft-llama"])
-def test_compiled_presets_equal_eager(case: str) -> None:
+@pytest.mark.parametrize("case, config", [
+    ("llama", {}), ("t5", {}), ("gpt2", {}), ("opt", {}), ("vit", {}), ("peft-llama", {}),
+    ("bert", {"salience": {"mode": "taylor"}, "kurtosis": {"source": "output"}}),
+    ("bert", {"salience": {"mode": "fisher"}, "kurtosis": {"excess": True, "combine": "scaled"}, "sample_every": 2}),
+])
+def test_compiled_presets_equal_eager(case: str, config: Dict[str, Any]) -> None:
     kinds: Tuple[str, ...] = ("head", "neuron", "hidden") + (("adapter",) if case.startswith("peft") else ())
-    _, _, r_eager, r_comp = _pair(case, 1, "aot_eager", {"update_frequency": 2}, steps=2)
+    _, _, r_eager, r_comp = _pair(case, 1, "aot_eager", {"update_frequency": 2, **config}, steps=4 if config else 2)
     _same(r_eager, r_comp, rtol=1e-4, kinds=kinds)
 
 
@@ -181,6 +186,27 @@ def test_attach_to_an_already_compiled_model() -> None:
     r_eager = _scenario(eager, t_eager, "bert", eager, steps=2)
     t_eager.remove()
     _same(r_eager, r_comp, rtol=1e-4)
+
+
+def test_compiled_then_eager_on_one_tracker_equals_eager() -> None:
+    """A run that leaves the compiled graph (a recompile limit, an evaluation in eager) keeps its statistics."""
+    runs = []
+    for mixed in (False, True):
+        model = make_model("bert", layers=1)
+        tracker = apt_salience.attach(model, {"update_frequency": 4})
+        compiled = torch.compile(model, backend="aot_eager") if mixed else model
+        gen = torch.Generator().manual_seed(0)
+        for step in range(4):
+            run = compiled if (mixed and step < 2) else model
+            for _ in range(2):
+                inputs, mask = make_batch("bert", gen)
+                with tracker.token_mask(mask):
+                    run(**inputs).loss.backward()
+            model.zero_grad(set_to_none=True)
+            tracker.step()
+        runs.append(tracker.scores())
+        tracker.remove()
+    scores_equal(runs[0], runs[1], rtol=1e-4)
 
 
 def test_inductor_publishes_the_eager_scores() -> None:

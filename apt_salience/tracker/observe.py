@@ -37,6 +37,7 @@ from torch import Tensor
 
 from .accumulate import Probe
 from .errors import SalienceWarning
+from ..moments import power_sums_first_centre
 from .statistics import RECIPES, Recipe, backward_part, forward_part
 
 __all__ = ["Observer", "MaskState"]
@@ -116,21 +117,32 @@ class _GradHook:
 
 
 class _ProbeFunction(torch.autograd.Function):
-    """Compiled graphs: identity on H whose backward emits the probe's sums as sink gradients."""
+    """Compiled graphs: identity on H whose backward emits the probe's sums as sink gradients.
+
+    Also returns the centre of the power sums it used (the stored one, or on the probe's first
+    forward the batch's mean), which the caller stores.
+    """
 
     @staticmethod
     def forward(ctx: Any, t: Tensor, sink_sum: Tensor, sink_mom: Optional[Tensor], centre: Optional[Tensor],
-                keep: Optional[Tensor], scale: Optional[Tensor], recipe_name: str, order: int) -> Tensor:
+                centre_set: Optional[Tensor], keep: Optional[Tensor], scale: Optional[Tensor], recipe_name: str,
+                order: int) -> Tuple[Tensor, Optional[Tensor]]:
         recipe = RECIPES[recipe_name]
         c = t.shape[-1]
         x2 = t.detach().reshape(-1, c)
-        a, mom = forward_part(recipe, x2, centre.double() if centre is not None else None, order, keep=keep)
+        used = None
+        if order:
+            assert centre is not None and centre_set is not None
+            a, mom, used = power_sums_first_centre(x2, centre, centre_set, order, keep=keep, abs_sum=recipe.forward_abs)
+            ctx.mark_non_differentiable(used)
+        else:
+            a, mom = forward_part(recipe, x2, None, 0, keep=keep)
         ctx.recipe_name, ctx.channels = recipe_name, c
         ctx.save_for_backward(a, mom, keep, x2 if recipe.keeps_activation else None, scale)
-        return t.view_as(t)
+        return t.view_as(t), used
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> Tuple[Optional[Tensor], ...]:
+    def backward(ctx: Any, g: Tensor, _: Any) -> Tuple[Optional[Tensor], ...]:
         a, mom, keep, x2, scale = ctx.saved_tensors
         recipe = RECIPES[ctx.recipe_name]
         c = ctx.channels
@@ -138,7 +150,7 @@ class _ProbeFunction(torch.autograd.Function):
         b = backward_part(recipe, g.reshape(-1, c), x2, keep=keep, inv_scale=inv)
         parts = ([a.reshape(1, c)] if a is not None else []) + [b]
         gsum = torch.cat([torch.cat(parts).reshape(-1), torch.ones(1, dtype=torch.float32, device=g.device)])
-        return g, gsum, mom, None, None, None, None, None
+        return g, gsum, mom, None, None, None, None, None, None
 
 
 class Observer:
@@ -148,6 +160,9 @@ class Observer:
         self.recipe = recipe
         self.devices = list(devices)
         self.scaler = scaler
+        self.scaler_enabled = bool(scaler is not None and scaler.is_enabled())
+        init = getattr(scaler, "_init_scale", None)
+        self.scaler_init = float(init) if init is not None else (float(scaler.get_scale()) if self.scaler_enabled else 1.0)
         self.attached = True
         self.paused = 0
         self.sampling = True  # False in steps skipped by sample_every
@@ -157,7 +172,7 @@ class Observer:
         self.unobserved: Set[str] = set()  # probes whose tensor did not require grad
         self.warned: Set[str] = set()
         self.maybe_pending = False  # eager shortcut: nothing to commit until a gradient arrived
-        self.compiled_seen = False  # a compiled graph has observed (it sets centres in tensors only)
+        self.compiled_seen = False  # a compiled graph has observed: its pending sums stay allocated between steps
 
     # ------------------------------------------------------------------ masks
 
@@ -234,23 +249,22 @@ class Observer:
 
     # ------------------------------------------------------------------ gradient scaling
 
-    def inv_scale(self, device: torch.device) -> Optional[Tensor]:
-        sc = self.scaler
-        if sc is None or not sc.is_enabled():
-            return None
-        scale = getattr(sc, "_scale", None)
-        if scale is None:  # before the first scaler.scale(): the scaler would use init_scale
-            return torch.tensor(1.0 / sc.get_scale(), device=device)
-        return scale.to(device=device, dtype=torch.float32).reciprocal()
+    def _scaler_scale(self, device: torch.device) -> Optional[Tensor]:
+        """The GradScaler's current scale as a tensor (None without an enabled scaler).
 
-    def _scale_tensor(self, device: torch.device) -> Optional[Tensor]:
-        sc = self.scaler
-        if sc is None or not sc.is_enabled():
+        Reads the scaler's attributes rather than calling its methods, which ``torch.compile``
+        does not trace: ``_scale`` once ``scaler.scale()`` has run, the initial scale before.
+        """
+        if not self.scaler_enabled:
             return None
-        scale = getattr(sc, "_scale", None)
-        if scale is None:
-            return torch.full((), float(sc.get_scale()), device=device)
+        scale = getattr(self.scaler, "_scale", None)
+        if scale is None:  # before the first scaler.scale(): the scaler would use its initial scale
+            return torch.full((), self.scaler_init, dtype=torch.float32, device=device)
         return scale.to(device=device, dtype=torch.float32)
+
+    def inv_scale(self, device: torch.device) -> Optional[Tensor]:
+        scale = self._scaler_scale(device)
+        return None if scale is None else scale.reciprocal()
 
     # ------------------------------------------------------------------ one forward of one probe
 
@@ -289,34 +303,31 @@ class Observer:
         if sel is _SKIP:
             return None
         index, keep = sel
+        if compiling:
+            self.maybe_pending = True  # the compiled backward cannot say so itself
+            self.compiled_seen = True
+            g = probe.group
+            centre_set = g.centre_set[probe.mpos] if probe.order else None
+            out, used = _ProbeFunction.apply(t, probe.sink_sum, probe.sink_mom, probe.centre if probe.order else None,
+                                             centre_set, keep, self._scaler_scale(t.device), self.recipe.name, probe.order)
+            if used is not None:
+                probe.centre.copy_(used)
+                g.centre_set[probe.mpos] = True
+            return out
         centre = None
         if probe.order:
             centre = probe.centre
-            if compiling:
-                # in the graph, without a Python flag that would need a second graph: the first forward's mean
+            if not probe.centre_ok:
+                # the first eager forward of this probe: its mean becomes the centre, unless a compiled graph set
+                # one already (decided on the device, no synchronisation)
                 g = probe.group
-                x2 = t.detach().reshape(-1, probe.channels).float()
-                if keep is not None:
-                    mean = torch.where(keep.unsqueeze(1), x2, 0.0).sum(0) / keep.sum().clamp_min(1)
-                else:
-                    mean = x2.mean(0)
-                is_set = g.centre_set[probe.mpos]
-                centre.copy_(torch.where(is_set, centre, mean))
-                g.centre_set[probe.mpos] = True
-                self.compiled_seen = True
-            elif not probe.centre_ok and self.compiled_seen and bool(probe.group.centre_set[probe.mpos]):
-                probe.centre_ok = True  # set by a compiled forward (read once, after compiled graphs ran)
-            elif not probe.centre_ok:
                 _, first = forward_part(RECIPES["taylor"], t.detach().reshape(-1, probe.channels),
                                         torch.zeros(probe.channels, dtype=torch.float64, device=t.device), 1, index=index)
                 assert first is not None
-                centre.copy_(first[1] / first[0].clamp_min(1))
+                is_set = g.centre_set[probe.mpos]
+                centre.copy_(torch.where(is_set, centre, (first[1] / first[0].clamp_min(1)).float()))
+                g.centre_set[probe.mpos] = True
                 probe.centre_ok = True
-                probe.group.centre_set[probe.mpos] = True
-        if compiling:
-            self.maybe_pending = True  # the compiled backward cannot say so itself
-            return _ProbeFunction.apply(t, probe.sink_sum, probe.sink_mom, centre, keep,
-                                        self._scale_tensor(t.device), self.recipe.name, probe.order)
         with torch.no_grad():
             x2 = t.detach().reshape(-1, probe.channels)
             a, mom = forward_part(self.recipe, x2, centre.double() if centre is not None else None, probe.order,
