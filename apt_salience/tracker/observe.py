@@ -130,7 +130,8 @@ class _ProbeFunction(torch.autograd.Function):
         recipe = RECIPES[recipe_name]
         c = t.shape[-1]
         x2 = t.detach().reshape(-1, c)
-        used = None
+        used: Optional[Tensor] = None
+        mom: Optional[Tensor] = None
         if order:
             assert centre is not None and centre_set is not None
             a, mom, used = power_sums_first_centre(x2, centre, centre_set, order, keep=keep, abs_sum=recipe.forward_abs)
