@@ -19,6 +19,7 @@ from .salience import (
 )
 from .masks import MaskHandle, apply_masks
 from .pruning import PruneReport, load_pruned, prune_model, save_pruned
+from .reconstruct import ReconstructReport, reconstruct
 from .scores import BlockScores, SalienceScores
 from .selection import BlockLayout, Selection, cubic_keep_ratio, select_blocks, update_masks
 from .tracker import SalienceTracker, SalienceWarning, TrackerStateError, attach
@@ -55,6 +56,8 @@ __all__ = [
     "PruneReport",
     "save_pruned",
     "load_pruned",
+    "reconstruct",
+    "ReconstructReport",
     "adapter_importance",
     "plan_rank_growth",
     "grow_lora_rank",
