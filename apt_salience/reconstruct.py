@@ -47,12 +47,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -71,7 +72,7 @@ METHODS: Tuple[str, ...] = ("least_squares", "bias")
 #: What the re-fitted site's output is made close to (see :func:`reconstruct`).
 TARGETS: Tuple[str, ...] = ("dense", "pruned")
 
-_Fit = Tuple[nn.Module, Tensor, Optional[Tensor]]
+_Fit = Tuple[nn.Module, Tensor, Optional[Tensor]]  # (site module, new weight in its own layout, new bias)
 TokenMaskArg = Union[None, str, Callable[[Mapping[str, Any]], Optional[Tensor]]]
 
 
@@ -302,18 +303,32 @@ def _call(model: nn.Module, batch: Mapping[str, Any]) -> bool:
     return False
 
 
-def _replace_output_hook(w: Tensor, b: Optional[Tensor]) -> Callable[..., Any]:
-    """A forward hook making a site compute ``x @ w.T + b`` (its re-fitted weights) in the pass."""
+def _weight_param(module: nn.Module) -> Tensor:
+    w = getattr(module, "weight", None)
+    if not isinstance(w, Tensor):
+        raise TypeError(f"{type(module).__name__} has no weight tensor")
+    return w
 
-    def hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Mapping[str, Any], output: Any) -> Any:
-        x = _first_tensor(args, kwargs)
-        assert x is not None
-        y = torch.nn.functional.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
-        if isinstance(output, tuple):
-            return (y,) + tuple(output[1:])
-        return y
 
-    return hook
+def _param_layout(module: nn.Module, w: Tensor) -> Tensor:
+    """``w`` ([out, in]) in the layout of the module's own weight (transformers' Conv1D stores [in, out])."""
+    return w.t().contiguous() if type(module).__name__ == "Conv1D" else w
+
+
+@contextlib.contextmanager
+def _fitted(fits: Mapping[str, "_Fit"]) -> Iterator[None]:
+    """Inside the block the fitted sites compute with their new weights; the old tensors are put back in ``finally``."""
+    swapped: List[Tuple[Tensor, Tensor]] = []
+    try:
+        for mod, w, b in fits.values():
+            for p, new in ((_weight_param(mod), w), (getattr(mod, "bias", None), b)):
+                if new is not None and isinstance(p, Tensor):
+                    swapped.append((p, p.data))
+                    p.data = new
+        yield
+    finally:
+        for p, old in reversed(swapped):
+            p.data = old
 
 
 def _execution_order(model: nn.Module, sites: List[_Site], batch: Mapping[str, Any]) -> List[_Site]:
@@ -525,7 +540,7 @@ def reconstruct(
 
     was_training = model.training
     model.eval()
-    fits: Dict[str, _Fit] = {}  # site name -> (module, new weight [out, in], new bias), model dtype
+    fits: Dict[str, _Fit] = {}  # site name -> (module, new weight, new bias) in the parameters' layout and dtype
     records: List[SiteReconstruction] = []
     passes = 1
     try:
@@ -540,9 +555,10 @@ def reconstruct(
                     got: Dict[str, Tensor] = {}
                     if target == "dense":
                         passes += 1
-                        _capture(model, site, batch, j, got, output=True, replace={})
+                        _capture(model, site, batch, j, got, output=True)
                     passes += 1
-                    _capture(model, site, batch, j, got, output=target == "pruned", replace=fits, inputs=True)
+                    with _fitted(fits):
+                        _capture(model, site, batch, j, got, output=target == "pruned", inputs=True)
                     x = _tokens(got["input"], mask, site.name, j)
                     y = _tokens(got["output"], mask, site.name, j)
                     if x.shape[0] != y.shape[0]:
@@ -563,7 +579,8 @@ def reconstruct(
                     )
                 w_new, b_new, before, after = acc.solve(float(damping))
                 dt = site.weight.dtype
-                fits[site.name] = (site.module, w_new.to(dt), None if b_new is None else b_new.to(dt))
+                fits[site.name] = (site.module, _param_layout(site.module, w_new.to(dt)),
+                                   None if b_new is None else b_new.to(dt))
                 n = acc.n
                 records.append(SiteReconstruction(site.name, site.kind, site.d_in, int(site.keep.numel()), n,
                                                   before / n, after / n, float(acc.yy) / n))
@@ -579,8 +596,8 @@ def reconstruct(
 
 
 def _capture(model: nn.Module, site: _Site, batch: Mapping[str, Any], j: int, got: Dict[str, Tensor], *,
-             output: bool, replace: Mapping[str, _Fit], inputs: bool = False) -> None:
-    """One forward pass, stopped at ``site``: read its input and/or output; sites in ``replace`` use their fits."""
+             output: bool, inputs: bool = False) -> None:
+    """One forward pass, stopped at ``site``: read its input and/or output."""
     hooks = _Hooks()
 
     def pre(module: nn.Module, args: Tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
@@ -599,8 +616,6 @@ def _capture(model: nn.Module, site: _Site, batch: Mapping[str, Any], j: int, go
         raise _Stop
 
     try:
-        for mod, w, b in replace.values():
-            hooks.handles.append(mod.register_forward_hook(_replace_output_hook(w, b), with_kwargs=True))
         if inputs:
             hooks.handles.append(site.module.register_forward_pre_hook(pre, with_kwargs=True))
         if output:
@@ -621,7 +636,7 @@ def _commit(model: nn.Module, selection: Selection, sites: List[_Site],
                 if s.name not in fits:
                     continue
                 _, w, b = fits[s.name]
-                dst = linear_weight(s.module)
+                dst = _weight_param(s.module)
                 saved.append((dst, dst.detach().clone()))
                 dst.copy_(w)
                 if b is not None:

@@ -358,21 +358,36 @@ def test_bad_input_raises_before_anything_changes(arch: str) -> None:
         assert state_equal(model.state_dict(), before)
 
 
-@pytest.mark.parametrize("arch", ["bert", "llama"])
-def test_non_finite_activation_at_a_late_site_leaves_the_model_unchanged(arch: str) -> None:
-    """The first sites are fitted before the NaN appears at the last layer: still nothing is written."""
+def _raise_hook(m: nn.Module, args: Tuple[Any, ...], out: Tensor) -> Tensor:
+    raise RuntimeError("boom in the model")
+
+
+@pytest.mark.parametrize("arch,fault", [("bert", "nan"), ("llama", "nan"), ("bert", "raise"), ("llama", "raise")])
+def test_failure_at_a_late_site_leaves_the_model_unchanged(arch: str, fault: str) -> None:
+    """The first sites are fitted (and run with their fits) before the last layer fails: nothing is written."""
     model = model_of(arch)
     sel = selection_of(model)
     before = copy.deepcopy(model.state_dict())
+    params = {n: p for n, p in model.named_parameters()}
     last = sel.layout.sites["neuron"][-1][0]
     producer = {"bert": last.replace("output.dense", "intermediate"), "llama": last.replace("down_proj", "up_proj")}[arch]
-    h = dict(model.named_modules())[producer].register_forward_hook(_nan_hook)
+    hook = _nan_hook if fault == "nan" else _raise_hook
+    h = dict(model.named_modules())[producer].register_forward_hook(hook)
+    calls = {"n": 0}
+    g = dict(model.named_modules())[producer].register_forward_pre_hook(lambda m, a: calls.__setitem__("n", calls["n"] + 1))
+    if fault == "raise":
+        h.remove()  # the execution-order pass and the first dense pass get through; a pass run with fits fails
+        h = dict(model.named_modules())[producer].register_forward_hook(
+            lambda m, a, o: _raise_hook(m, a, o) if calls["n"] > 2 else None)  # 2: the dense pass; 3: a pass with fits
+    msg = f"non-finite values .* site '{last}'" if fault == "nan" else "boom in the model"
     try:
-        with pytest.raises(ValueError, match=f"non-finite values .* site '{last}'"):
+        with pytest.raises((ValueError, RuntimeError), match=msg):
             reconstruct(model, sel, batches_of(arch, 2, 0))
     finally:
         h.remove()
+        g.remove()
     assert state_equal(model.state_dict(), before)
+    assert {n: p for n, p in model.named_parameters()} == params  # the same Parameter objects
 
 
 def test_under_determined_fit_warns_and_stays_finite() -> None:
