@@ -143,6 +143,54 @@ def _grid(args: argparse.Namespace) -> List[Job]:
     return jobs
 
 
+def _label(c: Dict[str, Any]) -> str:
+    if c["method"] == "none":
+        return "none"
+    if c["method"] == "bias":
+        return f"bias/{c['target']}"
+    return f"ls/{c['target']}/{c['damping']:g}"
+
+
+def to_markdown(res: Dict[str, Any], batches: int) -> str:
+    """The tables of docs/score_quality.md's reconstruction section from a results JSON."""
+    cells = res["cells"]
+    budgets = sorted({c["budget"] for c in cells}, reverse=True)
+    grid = [c for c in cells if c["batches"] in (0, batches)]
+    cols: List[str] = []
+    for c in grid:
+        if _label(c) not in cols:
+            cols.append(_label(c))
+    at = {(c["budget"], _label(c)): c for c in grid}
+    pct = lambda b: f"{round(b * 100)}%"  # noqa: E731
+    lines = [f"Dense: test {res['dense']['test']:.3f}, validation {res['dense']['val']:.3f}. "
+             f"Calibration: {batches} batches of {res['settings']['calib_batch_size']} training rows.", ""]
+    for title, key, fmt in (("Test accuracy", "test", "{:.3f}"), ("Validation accuracy", "val", "{:.3f}"),
+                            ("Validation agreement with the dense model's predictions", "val_agree", "{:.3f}"),
+                            ("Validation KL(dense || pruned) of the class probabilities", "val_kl", "{:.4f}")):
+        lines += [f"{title}:", "", "| kept | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        for b in budgets:
+            lines.append(f"| {pct(b)} | " + " | ".join(fmt.format(at[(b, c)][key]) if (b, c) in at else ""
+                                                      for c in cols) + " |")
+        means = [sum(at[(b, c)][key] for b in budgets) / len(budgets) if all((b, c) in at for b in budgets) else None
+                 for c in cols]
+        lines += ["| mean | " + " | ".join("" if m is None else fmt.format(m) for m in means) + " |", ""]
+    sweep = sorted({(c["method"], c["target"], c["damping"]) for c in cells if c["batches"] not in (0, batches)})
+    for method, target, damping in sweep:
+        ns = sorted({c["batches"] for c in cells if (c["method"], c["target"], c["damping"]) == (method, target, damping)})
+        lines += [f"Calibration batches ({method}, target {target}, damping {damping:g}): test accuracy / validation KL / "
+                  "seconds of the reconstruct call:", "", "| kept | " + " | ".join(f"{n} x {res['settings']['calib_batch_size']}" for n in ns) + " |",
+                  "|---|" + "---|" * len(ns)]
+        for b in budgets:
+            row = []
+            for n in ns:
+                c = next((c for c in cells if (c["budget"], c["method"], c["target"], c["damping"], c["batches"]) ==
+                          (b, method, target, damping, n)), None)
+                row.append("" if c is None else f"{c['test']:.3f} / {c['val_kl']:.4f} / {c['seconds']:.0f}")
+            lines.append(f"| {pct(b)} | " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def _measure(args: argparse.Namespace) -> int:
     """One reconstruct call in this process: seconds, peak RSS above the loaded model, passes, tokens."""
     say = lambda s: print(s, flush=True)  # noqa: E731
@@ -193,7 +241,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--measure-method", default="least_squares")
     ap.add_argument("--measure-target", default="dense")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--table", action="store_true", help="print the markdown tables of --out and exit")
     args = ap.parse_args(argv)
+    if args.table:
+        print(to_markdown(json.loads(Path(args.out).read_text()), args.batches))
+        return 0
     torch.set_num_threads(args.threads)
     if args.quick:
         args.steps, args.val_size, args.test_size, args.batches, args.dampings = 2, 16, 16, 2, [0.01]
