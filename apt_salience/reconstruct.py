@@ -58,7 +58,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 import torch
 from torch import Tensor, nn
 
-from .architectures import linear_dims, linear_weight
+from .architectures import ARCHITECTURES, detect_architecture, linear_dims, linear_weight
 from .masks import block_size_of, resolve_module
 from .pruning import PruneReport, prune_model
 from .selection import Selection
@@ -158,9 +158,12 @@ def _plan(model: nn.Module, selection: Selection) -> List[_Site]:
             "selection prunes hidden dimensions, which prune_model does not remove physically; select with "
             "kinds=('head', 'neuron')"
         )
-    from .pruning import _spec_for
-
-    _spec_for(model, selection.layout)  # the architecture must be one prune_model supports
+    arch = detect_architecture(model) or selection.layout.architecture
+    if arch not in ARCHITECTURES:
+        raise ValueError(
+            f"reconstruct ends with prune_model, which needs a model of a preset architecture ({', '.join(ARCHITECTURES)}); "
+            f"this model is {arch!r}"
+        )
     modules = dict(model.named_modules())
     layout = selection.layout
     out: List[_Site] = []
@@ -249,7 +252,7 @@ def _batch_masks(batch: Mapping[str, Any], i: int, token_mask: TokenMaskArg) -> 
     return res[0], res[1]
 
 
-def _tokens(t: Tensor, mask: Optional[Tensor], site: str, batch: int) -> Tensor:
+def _tokens(t: Tensor, mask: Optional[Tensor], site: str, batch: int, decoder: bool = False) -> Tensor:
     """The site tensor's kept token rows, ``[n, channels]``."""
     x = t.detach().reshape(-1, t.shape[-1])
     if mask is None:
@@ -259,9 +262,10 @@ def _tokens(t: Tensor, mask: Optional[Tensor], site: str, batch: int) -> Tensor:
         return x[mask.reshape(-1).to(x.device)]
     if len(mask.shape) > 1 and lead == tuple(mask.shape[:1]):
         return x  # pooled, per-sequence tensor: no padding in it
+    fix = ("add the decoder's mask to the batch as 'decoder_attention_mask' (e.g. labels != -100)" if decoder else
+           "give a [batch, sequence] mask matching the model's tokens (token_mask=) or token_mask=None")
     raise ValueError(
-        f"token mask of batches[{batch}] has shape {tuple(mask.shape)} but site '{site}' sees tokens of shape {lead}; "
-        "give a [batch, sequence] mask matching the model's tokens (token_mask=) or token_mask=None"
+        f"token mask of batches[{batch}] has shape {tuple(mask.shape)} but site '{site}' sees tokens of shape {lead}; {fix}"
     )
 
 
@@ -559,8 +563,8 @@ def reconstruct(
                     passes += 1
                     with _fitted(fits):
                         _capture(model, site, batch, j, got, output=target == "pruned", inputs=True)
-                    x = _tokens(got["input"], mask, site.name, j)
-                    y = _tokens(got["output"], mask, site.name, j)
+                    x = _tokens(got["input"], mask, site.name, j, site.decoder)
+                    y = _tokens(got["output"], mask, site.name, j, site.decoder)
                     if x.shape[0] != y.shape[0]:
                         raise ValueError(f"site '{site.name}': input and target token counts differ on batches[{j}]")
                     _check_finite(x, "input", site.name, j)
