@@ -90,6 +90,13 @@ def _calibration(tok: Any, texts: Sequence[str], n: int, batch_size: int, max_le
     return out
 
 
+def _cls_only(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Token mask keeping the first position ([CLS], what the classifier reads) of every row."""
+    m = torch.zeros_like(batch["attention_mask"])
+    m[:, 0] = 1
+    return m
+
+
 def _logits(model: torch.nn.Module, tok: Any, texts: Sequence[str], max_length: int) -> torch.Tensor:
     """Logits in the order of ``texts`` (batches of 128 sorted by length, as ``demo.evaluate``)."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -120,7 +127,8 @@ def _run_job(job: Job, model: torch.nn.Module, tok: Any, scores: SalienceScores,
         prune_model(m, sel)
     else:
         cal = _calibration(tok, splits["train"][0], n_batches, args.calib_batch_size, args.max_length)
-        r = reconstruct(m, sel, cal, method=method, target=target, damping=damping)
+        mask = _cls_only if args.tokens == "cls" else "attention_mask"
+        r = reconstruct(m, sel, cal, method=method, target=target, damping=damping, token_mask=mask)
         rec = {"passes": r.passes, "tokens": r.sites[0].tokens,
                "rel_error_before": sum(s.relative_error_before for s in r.sites) / len(r.sites),
                "rel_error_after": sum(s.relative_error_after for s in r.sites) / len(r.sites)}
@@ -233,6 +241,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--calib-batch-size", type=int, default=32)
     ap.add_argument("--dampings", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     ap.add_argument("--extra", default="", help="more cells: 'budget:method:target:damping:batches,...'")
+    ap.add_argument("--tokens", choices=("all", "cls"), default="all",
+                    help="calibration tokens: every non-padding token, or only [CLS]")
+    ap.add_argument("--no-grid", action="store_true", help="run only the --extra cells")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache-dir", default="/tmp/apt_salience_recon")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results_reconstruction.json"))
@@ -260,11 +271,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     dense = {s: demo.evaluate(model, tok, *splits[s], max_length=args.max_length) for s in ("val", "test")}
     say(f"dense: val {dense['val']:.3f} test {dense['test']:.3f}")
     dense_logits = {s: _logits(model, tok, splits[s][0], args.max_length) for s in ("val", "test")}
-    jobs = _grid(args)
+    jobs = [] if args.no_grid else _grid(args)
     for cell in filter(None, args.extra.split(",")):
         b, m, t, d, n = cell.split(":")
         jobs.append((float(b), m, t, float(d), int(n)))
-    cache = Path(args.cache_dir) / f"cells_v2_s{args.seed}_t{args.steps}_cb{args.calib_batch_size}.json"
+    tag = "" if args.tokens == "all" else f"_{args.tokens}"
+    cache = Path(args.cache_dir) / f"cells_v2_s{args.seed}_t{args.steps}_cb{args.calib_batch_size}{tag}.json"
     done: Dict[str, Any] = json.loads(cache.read_text()) if cache.is_file() else {}
     for job in jobs:
         k = repr(job)
