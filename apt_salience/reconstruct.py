@@ -155,7 +155,8 @@ class _Site:
 def _plan(model: nn.Module, selection: Selection) -> List[_Site]:
     if selection.hidden is not None and not bool(selection.hidden.all()):
         raise ValueError(
-            "selection prunes hidden dimensions, which prune_model does not remove physically; select with "
+            f"selection prunes {int((~selection.hidden.bool()).sum())} hidden dimension(s); reconstruct re-fits heads and "
+            "neurons for every output channel and does not support hidden-dimension pruning: select with "
             "kinds=('head', 'neuron')"
         )
     arch = detect_architecture(model) or selection.layout.architecture
@@ -486,8 +487,9 @@ def reconstruct(
         selection: what to keep (:func:`~apt_salience.selection.select_blocks` with
             ``kinds=("head", "neuron")``, or built by hand).
         batches: a few calibration batches, each a dict for ``model(**batch)`` on the model's device
-            (labels are allowed and ignored). Iterated ``1 + 2 * sites`` times (``1 + sites`` with
-            ``target="pruned"``); an iterator is read once into a list.
+            (labels are allowed and ignored; an iterator is read once into a list). Each site runs
+            two forward passes per batch, stopped at the site (one with ``target="pruned"``), plus one
+            full pass of ``batches[0]`` to find the order the sites are called in.
         method: ``"least_squares"`` (kept columns and bias re-fitted) or ``"bias"`` (bias only; needs
             sites with a bias, e.g. BERT; LLaMA-family sites have none).
         damping: ``>= 0``; the ridge ``damping * mean(diag(X_S^T X_S))`` pulls the least-squares fit

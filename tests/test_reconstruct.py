@@ -337,7 +337,7 @@ def _nan_hook(m: nn.Module, args: Tuple[Any, ...], out: Tensor) -> Tensor:
     return out * float("nan")
 
 
-def _bad_calls(arch: str, dense_other: nn.Module) -> List[Tuple[Dict[str, Any], type, str]]:
+def _bad_calls(arch: str, dense_other: nn.Module, sel_all: Selection) -> List[Tuple[Dict[str, Any], type, str]]:
     cal = batches_of(arch, 2, seed=0)
     other_sel = selection_of(dense_other)
     wrong_mask = [dict(cal[0], keep=torch.ones(3, 5, dtype=torch.long))]
@@ -348,6 +348,8 @@ def _bad_calls(arch: str, dense_other: nn.Module) -> List[Tuple[Dict[str, Any], 
         (dict(batches=[{}]), ValueError, r"batches\[0\] is an empty dict"),
         (dict(batches=[1]), TypeError, r"batches\[0\] must be a dict"),
         (dict(batches=cal, selection=other_sel), ValueError, "another model"),
+        (dict(batches=cal, selection=Selection(sel_all.head, sel_all.neuron, torch.arange(32) != 3, 0.0, 1.0, 1.0,
+                                                sel_all.layout)), ValueError, "prunes 1 hidden dimension"),
         (dict(batches=cal, method="ridge"), ValueError, "method must be one of"),
         (dict(batches=cal, target="teacher"), ValueError, "target must be one of"),
         (dict(batches=cal, damping=-1.0), ValueError, "damping must be"),
@@ -368,7 +370,7 @@ def test_bad_input_raises_before_anything_changes(arch: str) -> None:
     sel = selection_of(model)
     before = copy.deepcopy(model.state_dict())
     other = model_of("llama" if arch == "bert" else "bert")
-    for kw, exc, msg in _bad_calls(arch, other):
+    for kw, exc, msg in _bad_calls(arch, other, sel):
         kw = dict(kw)
         kw.setdefault("selection", sel)
         batches = kw.pop("batches")
@@ -424,3 +426,16 @@ def test_under_determined_fit_warns_and_stays_finite() -> None:
         r = reconstruct(model, sel, one, damping=0.0)
     assert all(np.isfinite(s.error_after) and s.error_after <= s.error_before + 1e-9 for s in r.sites)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_model_prune_model_cannot_prune_is_refused_before_any_pass() -> None:
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 4))
+    lay = BlockLayout.from_model(model, {"architecture": "custom", "sites": {"neurons": "2"}})
+    sel = Selection(None, torch.tensor([True, False] * 3), None, 0.0, 1.0, 1.0, lay)
+    before = copy.deepcopy(model.state_dict())
+    calls = []
+    h = model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    with pytest.raises(ValueError, match="preset architecture"):
+        reconstruct(model, sel, [{"input": torch.randn(3, 4)}])
+    h.remove()
+    assert not calls and state_equal(model.state_dict(), before)
