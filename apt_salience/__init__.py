@@ -27,6 +27,7 @@ from .salience import (
 )
 from .masks import MaskHandle, apply_masks
 from .pruning import PruneReport, load_pruned, prune_model, save_pruned
+from .reconstruct import ReconstructReport, reconstruct
 from .scores import BlockScores, SalienceScores
 from .selection import BlockLayout, Selection, select_blocks
 from .pruner import RECOMMENDED_CONFIG, AdaptivePruner, PruningWarning, cubic_keep_ratio, update_masks
@@ -69,6 +70,8 @@ __all__ = [
     "AdaptiveTuner",
     "PruningWarning",
     "RECOMMENDED_CONFIG",
+    "reconstruct",
+    "ReconstructReport",
     "adapter_importance",
     "plan_rank_growth",
     "grow_lora_rank",
