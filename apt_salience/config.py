@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import numbers
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union, cast
@@ -145,27 +147,48 @@ def _unknown_key(key: str, valid: Any, where: str) -> ConfigError:
     )
 
 
+def _integer(value: Any) -> Optional[int]:
+    """``value`` as an int when it is an integer number (Python or numpy, never a bool), else None."""
+    if isinstance(value, (bool, _np_bool_types())) or not isinstance(value, numbers.Integral):
+        return None
+    return int(value)
+
+
+def _real(value: Any) -> Optional[float]:
+    """``value`` as a float when it is a real number (Python or numpy, never a bool), else None."""
+    if isinstance(value, (bool, _np_bool_types())) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def _np_bool_types() -> Tuple[type, ...]:
+    """numpy's bool type when numpy is loaded (a config may come from numpy code), else nothing."""
+    np = sys.modules.get("numpy")
+    return (np.bool_,) if np is not None else ()
+
+
 def _check_bool(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
+    if not isinstance(value, (bool, _np_bool_types())):
         raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
-    return value
+    return bool(value)
 
 
 def _check_int(key: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    number = _integer(value)
+    if number is None:
         raise ConfigError(f"config key '{key}' must be an integer >= {minimum}, got {value!r}")
-    if value < minimum:
+    if number < minimum:
         raise ConfigError(f"config key '{key}' must be an integer >= {minimum}, got {value}")
-    return value
+    return number
 
 
 def _check_beta(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    number = _real(value)
+    if number is None:
         raise ConfigError(f"config key '{key}' must be a number with 0 <= {key} < 1, got {value!r}")
-    value = float(value)
-    if not (0.0 <= value < 1.0):
+    if not (0.0 <= number < 1.0):
         raise ConfigError(f"config key '{key}' must satisfy 0 <= {key} < 1, got {value}")
-    return value
+    return number
 
 
 def _check_choice(key: str, value: Any) -> str:
@@ -228,20 +251,23 @@ def _one_of(where: str, value: Any, allowed: Sequence[str]) -> str:
 def _pruning_value(key: str, value: Any, where: str) -> Any:
     """One validated ``pruning`` value; ``where`` names it in the error ("config key 'pruning.alpha'" or "alpha")."""
     if key in ("keep_ratio", "alpha"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        number = _real(value)
+        if number is None or not 0 < number <= 1:
             raise ConfigError(f"{where} must be a number with 0 < {key} <= 1, got {value!r}")
-        return float(value)
+        return number
     if key in ("start_step", "min_per_site"):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        whole = _integer(value)
+        if whole is None or whole < 0:
             raise ConfigError(f"{where} must be an integer >= 0, got {value!r}")
-        return value
+        return whole
     if key == "ramp_steps":
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        whole = _integer(value)
+        if whole is None or whole < 1:
             raise ConfigError(f"{where} must be an integer >= 1 (or null: derived from the training length), "
                               f"got {value!r}")
-        return value
+        return whole
     if key == "kinds":
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)) or not items or any(k not in PRUNABLE for k in items) \

@@ -303,3 +303,20 @@ def test_pruning_section_values_and_overrides() -> None:
         pruning_config(min_per_site=-2)
     with pytest.raises(TypeError, match="unknown pruning option 'keep'"):
         pruning_config(keep=0.5)
+
+
+def test_numpy_scalars_are_the_numbers_they_are() -> None:
+    import numpy as np
+
+    cfg = load_config({"update_frequency": np.int64(2), "ema_beta": np.float32(0.5), "sample_every": np.int32(3),
+                       "uncertainty_beta": np.float64(0.25), "kurtosis": {"enabled": np.bool_(False)},
+                       "sites": {"head_dim": np.int16(8)}})
+    assert (cfg.update_frequency, cfg.sample_every, cfg.sites.head_dim) == (2, 3, 8)
+    assert type(cfg.update_frequency) is int and type(cfg.ema_beta) is float and cfg.kurtosis.enabled is False
+    assert cfg.ema_beta == 0.5 and cfg.uncertainty_beta == 0.25
+    assert cfg.to_dict() == load_config(cfg.to_dict()).to_dict()  # plain Python values: YAML/JSON friendly
+    # still refused: booleans as numbers, fractional integers, out of range
+    for bad, match in (({"update_frequency": np.bool_(True)}, "update_frequency"), ({"update_frequency": np.float64(2.0)}, "integer"),
+                       ({"ema_beta": np.float32(1.5)}, "ema_beta"), ({"kurtosis": {"enabled": np.int64(1)}}, "true or false")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(bad)
