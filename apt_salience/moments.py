@@ -285,7 +285,8 @@ def _power_sums_whole(x: Tensor, centre: Optional[Tensor], order: int, index: Op
     if order == 0:
         return a, None, None
     assert centre is not None
-    tot = xa.sum(dim=0, dtype=torch.float64)
+    # reductions in the data's float32 (a compiled kernel accumulates in registers of that width), results in float64
+    tot = xa.sum(dim=0).to(torch.float64)
     mean = tot / n.clamp_min(1)
     if centre_set is not None:
         centre = torch.where(centre_set, centre.float(), mean.float())
@@ -297,8 +298,7 @@ def _power_sums_whole(x: Tensor, centre: Optional[Tensor], order: int, index: Op
     if keep is not None:
         dc = torch.where(keep.unsqueeze(1), dc, 0.0)
     d2 = dc * dc
-    d = torch.stack([dc.sum(0, dtype=torch.float64), d2.sum(0, dtype=torch.float64),
-                     (d2 * dc).sum(0, dtype=torch.float64), (d2 * d2).sum(0, dtype=torch.float64)])
+    d = torch.stack([dc.sum(0), d2.sum(0), (d2 * dc).sum(0), (d2 * d2).sum(0)]).to(torch.float64)
     return a, _recentre(n, shift, d, c64), centre
 
 

@@ -13,8 +13,10 @@ Usage (writes BENCHMARKS.md and benchmarks/results.json)::
     python benchmarks/overhead.py --parts main --rounds 5 --extra-rounds 2
     python benchmarks/overhead.py --quick         # smoke run: 1 layer, 2 steps, 1 round
 
-Parts: ``main`` (the budget table, both regimes), ``scaling`` (tokens per step and width),
-``growth`` (1000 steps of a small model), ``compile`` (torch.compile graph breaks).
+Parts: ``main`` (the budget table, both regimes), ``compiled`` (the same budget table with the model
+under ``torch.compile``, default backend inductor, and the compile time), ``inproc`` (time inside the
+hooks), ``ops`` (tensor operations per micro-batch), ``scaling`` (tokens per step and width),
+``growth`` (1000 steps of a small model), ``compile`` (graph breaks, compiled scores, compile time of a tiny model).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ RSS_BUDGET_MIB = 64.0
 
 def base_spec(args: argparse.Namespace, **kw: Any) -> Dict[str, Any]:
     spec = dict(regime="full", variant="none", hidden=768, heads=12, ffn=3072, layers=args.layers,
-                batch=8, seq=128, warmup=args.warmup, steps=args.steps, threads=1)
+                batch=8, seq=128, warmup=args.warmup, steps=args.steps, threads=1, compile="none")
     spec.update(kw)
     return spec
 
@@ -116,17 +118,22 @@ def summarise(rounds: List[List[Dict[str, Any]]]) -> Dict[str, Dict[str, Any]]:
             "tracked_channels": rs[0].get("tracked_channels"),
             "grad_bytes": rs[0].get("grad_bytes"),
             "ratios": [round(r["ratio"], 4) for r in rs],
+            "compile_s": statistics.median(r.get("compile_s", 0.0) for r in rs),
+            "compile_s_all": [round(r.get("compile_s", 0.0), 1) for r in rs],
         }
     return out
 
 
-def part_main(args: argparse.Namespace, log: List[str]) -> Dict[str, Any]:
+def part_main(args: argparse.Namespace, log: List[str], compile_backend: str = "none") -> Dict[str, Any]:
     res: Dict[str, Any] = {}
     for regime in args.regimes.split(","):
-        print(f"[main] regime {regime}", flush=True)
-        specs = [base_spec(args, regime=regime, variant=v) for v in BUDGET_VARIANTS]
-        rounds = interleaved(specs, args.rounds, log)
-        if args.extra_rounds:
+        print(f"[main] regime {regime} compile {compile_backend}", flush=True)
+        extra_kw: Dict[str, Any] = {}
+        if compile_backend != "none":  # the warm-up steps compile (two graphs: the first forward and the rest)
+            extra_kw = dict(compile=compile_backend, warmup=max(args.warmup, args.compile_warmup))
+        specs = [base_spec(args, regime=regime, variant=v, **extra_kw) for v in BUDGET_VARIANTS]
+        rounds = interleaved(specs, args.rounds if compile_backend == "none" else args.compile_rounds, log)
+        if args.extra_rounds and compile_backend == "none":
             extra = [base_spec(args, regime=regime, variant=v) for v in ["none"] + EXTRA_VARIANTS[regime]]
             rounds_x = interleaved(extra, args.extra_rounds, log)
         else:
@@ -260,6 +267,36 @@ def render(results: Dict[str, Any], args: argparse.Namespace, command: str) -> s
                   f"{s['cpu_ratio_max']:.3f}) | {s['ratio']:.3f} ({s['ratio_min']:.3f}-{s['ratio_max']:.3f}) | "
                   f"{s['rss_delta_mib']:+.1f} ({s['rss_delta_max_mib']:+.1f}) |")
         w("")
+    if "compiled" in results:
+        w("## Compiled: `torch.compile(model)` (inductor, CPU)\n")
+        w(f"The same workload and budget with the model compiled by `torch.compile` (backend inductor, one CPU "
+          f"thread); {args.compile_warmup} warm-up steps compile, the timed steps run the compiled graphs; the "
+          "compile time is the warm-up time beyond what those steps take compiled. Ratios: variant / no tracker of "
+          "the same round, median over interleaved rounds in fresh processes (CPU time).\n")
+        w("| regime | variant | rounds | step CPU (ms) | CPU-time ratio (min-max) | wall-time ratio | compile time (s, per round) | budget |")
+        w("|---|---|---|---|---|---|---|---|")
+        for regime in [r for r in ("full", "lora") if r in results["compiled"]]:
+            summ = results["compiled"][regime]["summary"]
+            for v in BUDGET_VARIANTS:
+                if v not in summ:
+                    continue
+                s = summ[v]
+                verdict = "-" if v not in BUDGET else ("met" if s["cpu_ratio"] <= BUDGET[v] else "**not met**")
+                w(f"| {'full fine-tuning' if regime == 'full' else 'LoRA q,v'} | {LABELS[v]} | {s['n']} | "
+                  f"{s['median_cpu_ms']:.0f} | {s['cpu_ratio']:.3f} ({s['cpu_ratio_min']:.3f}-{s['cpu_ratio_max']:.3f}) | "
+                  f"{s['ratio']:.3f} | {s['compile_s']:.0f} ({', '.join(str(x) for x in s['compile_s_all'])}) | {verdict} |")
+        w("")
+    if "ops" in results:
+        w("## Tensor operations per micro-batch\n")
+        w("Counted with a `TorchDispatchMode` around each part of the tracker (eager, tiny BERT, 4 x 16 tokens with "
+          "a padding mask, 8 micro-batches per step); a GPU pays one kernel launch per operation.\n")
+        w("| layers | sites (probes) | forward hooks | gradient hooks | commit | close step | total |")
+        w("|---|---|---|---|---|---|---|")
+        for row in results["ops"]["rows"]:
+            parts = [row.get(k, 0.0) for k in ("forward hooks", "gradient hooks", "commit", "close step")]
+            w(f"| {row['layers']} | {row['sites']} ({row['probes']}) | " + " | ".join(f"{x:.0f}" for x in parts)
+              + f" | {sum(parts):.0f} |")
+        w("")
     if "inproc" in results:
         w("## Time inside the tracker (same processes, measured around the hooks)\n")
         w("Paired in one process, so the colleagues' load affects both sides alike: the wall time spent in the "
@@ -308,7 +345,7 @@ def render(results: Dict[str, Any], args: argparse.Namespace, command: str) -> s
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="main,inproc,scaling,growth,compile")
+    ap.add_argument("--parts", default="main,compiled,inproc,ops,scaling,growth,compile")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--extra-rounds", type=int, default=2)
@@ -319,6 +356,9 @@ def main() -> None:
     ap.add_argument("--scaling-warmup", type=int, default=1)
     ap.add_argument("--scaling-rounds", type=int, default=1)
     ap.add_argument("--regimes", default="full,lora")
+    ap.add_argument("--compile-backend", default="inductor", help="backend of the 'compiled' part")
+    ap.add_argument("--compile-rounds", type=int, default=3)
+    ap.add_argument("--compile-warmup", type=int, default=3)
     ap.add_argument("--merge", nargs="+", help="only render BENCHMARKS.md from these results JSON files "
                     "(written by earlier runs with --json, e.g. parts run in parallel)")
     ap.add_argument("--quick", action="store_true", help="smoke run (1 layer, 2 steps, 1 round)")
@@ -327,6 +367,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.layers, args.rounds, args.extra_rounds, args.steps, args.warmup = 1, 1, 1, 2, 1
+        args.compile_rounds = 1
         args.scaling_steps, args.scaling_warmup = 1, 1
     command = "python benchmarks/overhead.py " + " ".join(sys.argv[1:])
     if args.merge:
@@ -349,12 +390,16 @@ def main() -> None:
                     merged.setdefault("log", []).extend(v)
                 elif k == "loads":
                     merged.setdefault("loads", []).extend(v)
-                elif k not in merged or k in ("inproc", "scaling", "growth", "compile"):
+                elif k not in merged or k in ("inproc", "scaling", "growth", "compile", "compiled", "ops"):
                     merged[k] = v
             stored = argparse.Namespace(**part["args"])
             if "main" in part:
                 for key in ("layers", "rounds", "extra_rounds", "steps", "warmup"):
                     setattr(args, key, getattr(stored, key))
+            if "compiled" in part:
+                for key in ("compile_rounds", "compile_warmup", "compile_backend"):
+                    if key in part["args"]:
+                        setattr(args, key, part["args"][key])
             if "scaling" in part:
                 for key in ("scaling_layers", "scaling_steps", "scaling_warmup", "scaling_rounds"):
                     setattr(args, key, getattr(stored, key))
@@ -371,6 +416,10 @@ def main() -> None:
     t0 = time.time()
     if "main" in parts:
         results["main"] = part_main(args, log)
+    if "compiled" in parts:
+        results["compiled"] = part_main(args, log, compile_backend=args.compile_backend)
+    if "ops" in parts:
+        results["ops"] = part_child("ops", args)
     if "inproc" in parts:
         results["inproc"] = part_child("inproc", args)["rows"]
     if "scaling" in parts:
