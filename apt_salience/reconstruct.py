@@ -58,8 +58,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 import torch
 from torch import Tensor, nn
 
-from .architectures import ARCHITECTURES, detect_architecture, linear_dims, linear_weight
-from .masks import block_size_of, resolve_module
+from .architectures import ARCHITECTURES, detect_architecture, layout_sites, linear_dims, linear_weight
 from .pruning import PruneReport, prune_model
 from .selection import Selection
 
@@ -166,34 +165,20 @@ def _plan(model: nn.Module, selection: Selection) -> List[_Site]:
             f"this model is {arch!r}"
         )
     modules = dict(model.named_modules())
-    layout = selection.layout
     out: List[_Site] = []
-    for kind in ("head", "neuron"):
-        for name, keep in selection.site_masks(kind).items():
-            real, mod = resolve_module(modules, name)
-            if hasattr(mod, "base_layer"):
-                raise ValueError(
-                    f"selection: site '{real}' is a PEFT LoRA layer; reconstruct and prune_model need plain layers: "
-                    "call model.merge_and_unload() first"
-                )
-            dims = linear_dims(mod)
-            bs = block_size_of(layout, name, dims, keep.numel())
-            if dims is None or dims[0] != keep.numel() * bs:
-                raise ValueError(
-                    f"selection: {kind} site '{real}' has {dims[0] if dims else 'no'} input channels but the selection "
-                    f"has {keep.numel()} blocks of {bs}: selection from another model (or the model was pruned since)"
-                )
-            if layout.d_model and dims[1] != layout.d_model:
-                raise ValueError(
-                    f"selection: {kind} site '{real}' writes {dims[1]} channels but the selection's d_model is "
-                    f"{layout.d_model}: selection from another model"
-                )
-            w = linear_weight(mod).detach()
-            b = getattr(mod, "bias", None)
-            b = b.detach() if isinstance(b, Tensor) else None
-            ch = keep.bool().cpu().repeat_interleave(bs).nonzero().squeeze(1)
-            out.append(_Site(real, kind, mod, ch.to(w.device), dims[0], dims[1], "decoder" in real.split("."),
-                             w, b, w.device))
+    masks = {kind: selection.site_masks(kind) for kind in ("head", "neuron")}
+    for kind, name, real, mod, _, bs in layout_sites(modules, selection.layout, "selection"):
+        if hasattr(mod, "base_layer"):
+            raise ValueError(
+                f"selection: site '{real}' is a PEFT LoRA layer; reconstruct and prune_model need plain layers: "
+                "call model.merge_and_unload() first"
+            )
+        d_in, d_out = linear_dims(mod) or (0, 0)  # layout_sites checked the shapes
+        w = linear_weight(mod).detach()
+        b = getattr(mod, "bias", None)
+        b = b.detach() if isinstance(b, Tensor) else None
+        ch = masks[kind][name].bool().cpu().repeat_interleave(bs).nonzero().squeeze(1)
+        out.append(_Site(real, kind, mod, ch.to(w.device), d_in, d_out, "decoder" in real.split("."), w, b, w.device))
     if not out:
         raise ValueError("selection has no head or neuron sites; nothing to reconstruct")
     return out
