@@ -125,3 +125,23 @@ def test_pickling_an_attached_model_or_a_tracker_says_what_to_do() -> None:
     torch.save(tracker.state_dict(), buf)  # the recommended way
     tracker.remove()
     torch.save(model, io.BytesIO())  # detached: the model pickles again
+
+
+def test_a_state_saved_by_the_previous_tracker_resumes_exactly() -> None:
+    """tests/data/tracker_state_v1.pt was saved by the tracker before it became a package (commit d6d699c),
+    after 3 steps of a tiny BERT; the reading it published after a 4th step is stored beside it."""
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data"
+    state = torch.load(data / "tracker_state_v1.pt")
+    expected = apt_salience.SalienceScores.load(data / "tracker_state_v1_next_reading.json")
+    model = make_model("bert")
+    tracker = apt_salience.attach(model, {"update_frequency": 2})
+    tracker.load_state_dict(state)
+    gen = torch.Generator().manual_seed(0)
+    batches = [make_batch("bert", gen) for _ in range(4)]
+    inputs, mask = batches[3]
+    with tracker.token_mask(mask):
+        model(**inputs).loss.backward()
+    assert tracker.step() and tracker.steps == 4
+    scores_equal(tracker.scores(), expected, rtol=1e-5)
