@@ -429,7 +429,9 @@ class SalienceTracker:
                                     + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
         saved_cfg = state.get("config") or {}
         mine_cfg = self.config.to_dict()
-        changed = sorted(k for k in set(saved_cfg) | set(mine_cfg) if saved_cfg.get(k) != mine_cfg.get(k))
+        # the pruning section configures the pruner, not the tracker's statistics
+        changed = sorted(k for k in set(saved_cfg) | set(mine_cfg)
+                         if k != "pruning" and saved_cfg.get(k) != mine_cfg.get(k))
         if changed:
             warnings.warn(
                 "apt_salience: the loaded tracker state was saved with a different config for "
