@@ -209,6 +209,34 @@ def test_compiled_then_eager_on_one_tracker_equals_eager() -> None:
     scores_equal(runs[0], runs[1], rtol=1e-4)
 
 
+def test_traced_reductions_equal_eager_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU compiled graphs call the tracker's reduction operators; the traced whole-tensor
+    expressions (what an accelerator's graph compiles) are exercised here on the CPU."""
+    from apt_salience.tracker import kernels
+
+    monkeypatch.setattr(kernels, "CPU_OPS", False)
+    model = make_model("bert", layers=1)
+    inputs, mask = make_batch("bert", torch.Generator().manual_seed(0))
+    tracker = apt_salience.attach(model)
+    assert _breaks(model, inputs, tracker.token_mask(mask)) == 0
+    tracker.remove()
+    _, _, r_eager, r_comp = _pair("bert", 1, "aot_eager", {"update_frequency": 2}, compile_kw={"fullgraph": True}, steps=2)
+    _same(r_eager, r_comp, rtol=1e-4)
+
+
+def test_reduction_operators_pass_opcheck() -> None:
+    """The custom operators' shapes, dtypes and schemas are consistent (torch.library.opcheck)."""
+    gen = torch.Generator().manual_seed(0)
+    x, g = torch.randn(12, 5, generator=gen), torch.randn(12, 5, generator=gen)
+    keep = torch.arange(12) % 3 != 0
+    centre = torch.zeros(5)
+    for flag in (torch.tensor(True), torch.tensor(False)):
+        for order, abs_sum in ((4, True), (1, False), (0, True)):
+            torch.library.opcheck(torch.ops.apt_salience.forward_sums.default, (x, centre, flag, keep, order, abs_sum))
+    torch.library.opcheck(torch.ops.apt_salience.grad_abs_sum.default, (g, keep))
+    torch.library.opcheck(torch.ops.apt_salience.grad_prod_sum.default, (x, g, None))
+
+
 def test_inductor_publishes_the_eager_scores() -> None:
     _, _, r_eager, r_comp = _pair("bert", 1, "inductor", {"update_frequency": 2}, steps=2)
     _same(r_eager, r_comp, rtol=2e-3)

@@ -432,3 +432,65 @@ def test_module_doctest_values_are_independent_of_code() -> None:
     assert a.moments.m2.tolist() == [8.0, 8.0] and a.moments.m4.tolist() == [32.0, 32.0]
     assert a.kurtosis().tolist() == [1.5, 1.5]
     assert math.isclose(float(a.moments.m3.abs().max()), 0.0, abs_tol=1e-12)
+
+
+# ----------------------------------------------------------------------------- power sums about a centre
+
+def _two_pass(x: torch.Tensor) -> Tuple[float, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float64 two-pass central moments of the columns (the oracle)."""
+    x = x.double()
+    mean = x.mean(0)
+    d = x - mean
+    return float(x.shape[0]), mean, (d ** 2).sum(0), (d ** 3).sum(0), (d ** 4).sum(0)
+
+
+@pytest.mark.parametrize("whole", [False, True])
+@pytest.mark.parametrize("rows", ["all", "index", "keep"])
+@pytest.mark.parametrize("n", [300, 20000])  # one cache-sized chunk, and many
+def test_power_sums_about_a_centre_recover_the_central_moments(offset_data: torch.Tensor, whole: bool, rows: str,
+                                                                n: int) -> None:
+    from apt_salience.moments import _power_sums_chunked, _power_sums_whole, central_from_power_sums
+
+    x = offset_data[:n]
+    keep = torch.arange(n) % 3 != 1
+    index = keep.nonzero().squeeze(1)
+    sel = x if rows == "all" else x[keep]
+    # a centre a few standard deviations away from the mean, as a previous window's mean may be
+    centre = (sel.double().mean(0) + 3 * sel.double().std(0)).float().double()
+    kw_index = index if rows == "index" else None
+    kw_keep = keep if rows == "keep" else None
+    if whole:
+        a, p, _ = _power_sums_whole(x, centre, 4, kw_index, kw_keep, True)
+    else:
+        a, p = _power_sums_chunked(x, centre, 4, index if rows != "all" else None, True)
+    assert p is not None and a is not None
+    m = central_from_power_sums(p, centre)
+    n_ref, mean, m2, m3, m4 = _two_pass(sel)
+    assert float(m.n[0]) == n_ref
+    torch.testing.assert_close(m.mean, mean, rtol=1e-9, atol=1e-6 * float(sel.double().std(0).min()))
+    for got, ref in ((m.m2, m2), (m.m4, m4)):
+        torch.testing.assert_close(got, ref, rtol=2e-5, atol=0)
+    torch.testing.assert_close(a.double(), sel.double().abs().sum(0), rtol=1e-6, atol=0)
+    ref_k = torch.tensor(scipy.stats.kurtosis(sel.double().numpy(), axis=0, fisher=False))
+    torch.testing.assert_close(kurtosis_from_moments(m), ref_k, rtol=1e-4, atol=0)
+
+
+def test_power_sums_add_up_over_batches_and_the_first_centre_is_the_batch_mean() -> None:
+    from apt_salience.moments import central_from_power_sums, power_sums, power_sums_first_centre
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(500, 4, generator=gen) * 2 + 7
+    centre = torch.full((4,), 6.5, dtype=torch.float64)
+    _, p1 = power_sums(x[:200], centre, 4)
+    _, p2 = power_sums(x[200:], centre, 4)
+    _, p = power_sums(x, centre, 4)
+    assert p1 is not None and p2 is not None and p is not None
+    torch.testing.assert_close(p1 + p2, p, rtol=1e-6, atol=1e-9)  # sums about one centre merge by addition (float32 powers)
+    n, mean, m2, _, m4 = _two_pass(x)
+    m = central_from_power_sums(p1 + p2, centre)
+    torch.testing.assert_close(m.m4, m4, rtol=1e-6, atol=0)
+    # an unset centre is replaced by the batch's float32 mean; a set one is kept
+    for is_set, expected in ((False, x.double().mean(0).float()), (True, torch.zeros(4))):
+        _, sums, used = power_sums_first_centre(x, torch.zeros(4), torch.tensor(is_set), 4)
+        torch.testing.assert_close(used, expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(central_from_power_sums(sums, used.double()).m2, m2, rtol=1e-5, atol=0)

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .accumulate import Probe
 from .errors import SalienceWarning
-from ..moments import power_sums_first_centre
+from .kernels import forward_sums
 from .statistics import RECIPES, Recipe, backward_part, forward_part
 
 __all__ = ["Observer", "MaskState"]
@@ -130,14 +130,9 @@ class _ProbeFunction(torch.autograd.Function):
         recipe = RECIPES[recipe_name]
         c = t.shape[-1]
         x2 = t.detach().reshape(-1, c)
-        used: Optional[Tensor] = None
-        mom: Optional[Tensor] = None
-        if order:
-            assert centre is not None and centre_set is not None
-            a, mom, used = power_sums_first_centre(x2, centre, centre_set, order, keep=keep, abs_sum=recipe.forward_abs)
+        a, mom, used = forward_sums(x2, centre, centre_set, keep, order, recipe.forward_abs)
+        if used is not None:
             ctx.mark_non_differentiable(used)
-        else:
-            a, mom = forward_part(recipe, x2, None, 0, keep=keep)
         ctx.recipe_name, ctx.channels = recipe_name, c
         ctx.save_for_backward(a, mom, keep, x2 if recipe.keeps_activation else None, scale)
         return t.view_as(t), used
@@ -148,7 +143,7 @@ class _ProbeFunction(torch.autograd.Function):
         recipe = RECIPES[ctx.recipe_name]
         c = ctx.channels
         inv = scale.reciprocal() if scale is not None else None
-        b = backward_part(recipe, g.reshape(-1, c), x2, keep=keep, inv_scale=inv)
+        b = backward_part(recipe, g.reshape(-1, c), x2, keep=keep, inv_scale=inv, compiled=True)
         parts = ([a.reshape(1, c)] if a is not None else []) + [b]
         gsum = torch.cat([torch.cat(parts).reshape(-1), torch.ones(1, dtype=torch.float32, device=g.device)])
         return g, gsum, mom, None, None, None, None, None, None

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from ..moments import abs_sum_rows, power_sums, prod_sum_rows
+from .kernels import grad_abs_sum, grad_prod_sum
 
 __all__ = ["Recipe", "RECIPES", "forward_part", "backward_part"]
 
@@ -92,18 +93,19 @@ def forward_part(recipe: Recipe, x2: Tensor, centre: Optional[Tensor], order: in
 
 
 def backward_part(recipe: Recipe, g2: Tensor, x2: Optional[Tensor], *, index: Optional[Tensor] = None,
-                  keep: Optional[Tensor] = None, inv_scale: Optional[Tensor] = None) -> Tensor:
+                  keep: Optional[Tensor] = None, inv_scale: Optional[Tensor] = None, compiled: bool = False) -> Tensor:
     """The backward sums of one probe, float32 ``[streams of the backward part, C]``.
 
     ``inv_scale`` (a GradScaler's ``1 / scale``) is divided out here, in the backward pass,
-    so the value in force when the gradient was computed is the one removed.
+    so the value in force when the gradient was computed is the one removed. ``compiled``:
+    called from a compiled graph (the reductions go through :mod:`.kernels`).
     """
     parts = []
     if recipe.grad_abs:
-        parts.append(abs_sum_rows(g2, index=index, keep=keep))
+        parts.append(grad_abs_sum(g2, keep) if compiled else abs_sum_rows(g2, index=index, keep=keep))
     if recipe.grad_prod:
         assert x2 is not None, "the recipe keeps H until backward"
-        parts.append(prod_sum_rows(x2, g2, index=index, keep=keep))
+        parts.append(grad_prod_sum(x2, g2, keep) if compiled else prod_sum_rows(x2, g2, index=index, keep=keep))
     out = torch.stack(parts)
     if inv_scale is not None:
         out = out * inv_scale
