@@ -24,7 +24,7 @@ from tests._cli import assert_one_line_error, run
 def test_demo_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``apt-salience demo`` on a small step count: table, report folder, pruned models within budget."""
     out = tmp_path / "demo"
-    rc = main(["demo", "--steps", "12", "--eval-size", "96", "--recovery-steps", "2", "--batch-size", "16",
+    rc = main(["demo", "--steps", "12", "--eval-size", "64", "--recovery-steps", "2", "--batch-size", "16",
                "--out", str(out), "--quiet"])
     cap = capsys.readouterr()
     assert rc == 0, cap.err
@@ -33,7 +33,7 @@ def test_demo_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rows = res["rows"]
     assert [r["score"] for r in rows] == [None, "outlier_aware", "salience", "magnitude", "random", "recommended"]
     n_test = res["test_size"]
-    assert n_test == 96
+    assert n_test == 64
     for r in rows:
         assert 0 <= r["accuracy"] <= 1
         assert abs(r["accuracy"] * n_test - round(r["accuracy"] * n_test)) < 1e-6  # a count of correct tweets
