@@ -38,6 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from ..criteria import BlockKind
 from ..scores import BlockScores, SalienceScores
 from ..selection import BlockLayout, select_blocks
 
@@ -295,7 +296,8 @@ def density_figure(scores: SalienceScores, path: Union[str, "os.PathLike[str]"],
         return _density_plot(plt, scores, share, sel, out)
 
 
-def block_table(scores: SalienceScores, kind: str, top: int = 10, *, field: str = "density") -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+def block_table(scores: SalienceScores, kind: BlockKind, top: int = 10, *,
+                field: str = "density") -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
     """The ``top`` highest and lowest blocks of a kind by ``field``: rows with site, block index and every field.
 
     Ties keep the model order. Each row: ``rank`` (1 = highest), ``site``, ``block`` (index within
@@ -366,7 +368,8 @@ def _summary(scores: SalienceScores, keep_ratio: float, sel: Any, top: int, figu
         for name, p in figures.items():
             lines.append(f"![{name}]({p.name})")
         lines.append("")
-    for kind in ("head", "neuron", "hidden", "adapter"):
+    kinds: Tuple[BlockKind, ...] = ("head", "neuron", "hidden", "adapter")
+    for kind in kinds:
         if getattr(scores, kind) is None:
             continue
         hi, lo = block_table(scores, kind, top)
