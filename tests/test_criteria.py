@@ -258,6 +258,7 @@ def test_random_scores_give_uniform_density_from_any_source() -> None:
         random_scores({"head": 1}, seed=0)  # type: ignore[arg-type]
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # transformers, via peft
 def test_lora_wrappers_count_their_base_weight_once() -> None:
     from peft import LoraConfig, get_peft_model
 
