@@ -33,6 +33,14 @@ from .selection import BlockLayout, Selection, select_blocks
 from .pruner import RECOMMENDED_CONFIG, AdaptivePruner, PruningWarning, cubic_keep_ratio, update_masks
 from .tracker import SalienceTracker, SalienceWarning, TrackerStateError, attach
 from .tuning import AdaptiveTuner, adapter_importance, grow_lora_rank, plan_rank_growth
+from .criteria import (
+    ActivationNorms,
+    WeightTaylor,
+    magnitude_scores,
+    random_scores,
+    wanda_scores,
+    weight_taylor_scores,
+)
 
 __all__ = [
     "__version__",
@@ -75,4 +83,10 @@ __all__ = [
     "adapter_importance",
     "plan_rank_growth",
     "grow_lora_rank",
+    "magnitude_scores",
+    "random_scores",
+    "wanda_scores",
+    "ActivationNorms",
+    "weight_taylor_scores",
+    "WeightTaylor",
 ]

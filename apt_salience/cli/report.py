@@ -21,9 +21,7 @@ Example:
     ...     outlier_aware=torch.tensor(v) + 1, param_count=torch.full((len(v),), pc), sites=sites)
     >>> s = SalienceScores(step=3, d_model=4, head=mk([4., 1., 2., 3.], 32., [("l.0.o", 2), ("l.1.o", 2)]),
     ...     neuron=mk([1., 3., .1, 2.], 8., [("l.0.down", 2), ("l.1.down", 2)]),
-    ...     hidden=mk([1., 2., 3., 4.], 24., [("hidden", 4)]),
-    ...     meta={"layers": {"l.0.o": "l.0", "l.1.o": "l.1", "l.0.down": "l.0", "l.1.down": "l.1"},
-    ...           "block_size": {"l.0.o": 2, "l.1.o": 2, "l.0.down": 1, "l.1.down": 1}})
+    ...     hidden=mk([1., 2., 3., 4.], 24., [("hidden", 4)]))
     >>> files = render_report(s, tempfile.mkdtemp())
     >>> sorted(files)[:3]
     ['density_ranking', 'head_kurtosis', 'head_outlier_aware']
@@ -40,7 +38,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .scores import BlockScores, SalienceScores
+from ..criteria import BlockKind
+from ..scores import BlockScores, SalienceScores
+from ..selection import BlockLayout, select_blocks
 
 __all__ = ["render_report", "density_figure", "ReportDependencyError", "PLOT_INSTALL_HINT", "block_table", "site_label"]
 
@@ -68,6 +68,10 @@ def _pyplot() -> Any:
 def site_label(name: str, layer: Optional[str] = None) -> str:
     """A short row label for a site: ``L<layer index>``, ``dec L<i>`` in an encoder-decoder's decoder.
 
+    Args:
+        name: the site's module name.
+        layer: its layer prefix (``BlockLayout.layers[name]``); None: the name itself is searched.
+
     Example:
         >>> site_label("bert.encoder.layer.3.attention.output.dense", "bert.encoder.layer.3")
         'L3'
@@ -83,7 +87,7 @@ def site_label(name: str, layer: Optional[str] = None) -> str:
 
 
 def _labels(scores: SalienceScores, sites: Sequence[Tuple[str, int]]) -> List[str]:
-    layers = (scores.meta or {}).get("layers", {})
+    layers = BlockLayout.from_scores(scores).layers
     labels = [site_label(n, layers.get(n)) for n, _ in sites]
     if len(set(labels)) < len(labels):  # disambiguate with the module name's tail
         tails = [n[len(layers.get(n, "")):].strip(".") or n for n, _ in sites]
@@ -209,11 +213,9 @@ def _hidden_plot(plt: Any, scores: SalienceScores, path: Path) -> Path:
 
 def _budget_cut(scores: SalienceScores, keep_ratio: float) -> Optional[Any]:
     try:
-        from .selection import select_blocks
-
         kinds = tuple(k for k in ("head", "neuron") if getattr(scores, k) is not None)
         return select_blocks(scores, keep_ratio=keep_ratio, kinds=kinds, score="outlier_aware")
-    except (ImportError, ValueError, TypeError):
+    except (ValueError, TypeError):  # e.g. a reading without parameter counts: no cut drawn
         return None
 
 
@@ -294,8 +296,19 @@ def density_figure(scores: SalienceScores, path: Union[str, "os.PathLike[str]"],
         return _density_plot(plt, scores, share, sel, out)
 
 
-def block_table(scores: SalienceScores, kind: str, top: int = 10, *, field: str = "density") -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+def block_table(scores: SalienceScores, kind: BlockKind, top: int = 10, *,
+                field: str = "density") -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
     """The ``top`` highest and lowest blocks of a kind by ``field``: rows with site, block index and every field.
+
+    Ties keep the model order. Each row: ``rank`` (1 = highest), ``site``, ``block`` (index within
+    the site) and the values of ``salience``, ``kurtosis``, ``outlier_aware``, ``param_count``,
+    ``density``; the lowest rows come lowest first. A kind the reading lacks gives two empty lists.
+
+    Args:
+        scores: the reading.
+        kind: ``"head"``, ``"neuron"``, ``"hidden"`` or ``"adapter"``.
+        top: rows in each list.
+        field: the :class:`~apt_salience.scores.BlockScores` field ranked by.
 
     Example:
         >>> import torch
@@ -335,10 +348,10 @@ def _md_rows(rows: List[Dict[str, Any]]) -> List[str]:
 
 
 def _summary(scores: SalienceScores, keep_ratio: float, sel: Any, top: int, figures: Dict[str, Path], title: str) -> str:
-    meta = scores.meta or {}
+    architecture = BlockLayout.from_scores(scores).architecture or "unknown"
     lines = [f"# {title}", ""]
     lines.append(f"- reading published at optimizer step **{scores.step}**; architecture: "
-                 f"`{meta.get('architecture', 'unknown')}`; d_model = {scores.d_model}")
+                 f"`{architecture}`; d_model = {scores.d_model}")
     for kind, b in scores.kinds().items():
         lines.append(f"- {kind}: {len(b)} blocks in {len(b.sites)} site(s), "
                      f"{float(b.param_count.sum()) if kind != 'hidden' else float(b.param_count[0]):,.0f} "
@@ -355,7 +368,8 @@ def _summary(scores: SalienceScores, keep_ratio: float, sel: Any, top: int, figu
         for name, p in figures.items():
             lines.append(f"![{name}]({p.name})")
         lines.append("")
-    for kind in ("head", "neuron", "hidden", "adapter"):
+    kinds: Tuple[BlockKind, ...] = ("head", "neuron", "hidden", "adapter")
+    for kind in kinds:
         if getattr(scores, kind) is None:
             continue
         hi, lo = block_table(scores, kind, top)
@@ -374,8 +388,19 @@ def render_report(
 ) -> Dict[str, Path]:
     """Write the figures, ``summary.md`` and ``scores.json`` of a reading into ``out_dir``.
 
-    ``scores``: a :class:`SalienceScores` or the path of a saved one. ``budget``: the fraction of
-    head + FFN parameters kept by the cut drawn on the density ranking. Returns ``{name: path}``.
+    The files are listed in the module docstring; files of the same names in ``out_dir`` are
+    overwritten. Needs matplotlib (:class:`ReportDependencyError` otherwise).
+
+    Args:
+        scores: a :class:`~apt_salience.scores.SalienceScores` or the path of a saved one.
+        out_dir: the folder (created if missing).
+        budget: the fraction of head + FFN parameters kept by the cut drawn on the density ranking
+            (``select_blocks`` on outlier-aware density, global allocation).
+        top: blocks listed at the top and at the bottom of each kind in ``summary.md``.
+        title: the summary's heading.
+
+    Returns:
+        ``{name: path}``: the figures by name (``head_salience``, ...), ``summary`` and ``scores``.
 
     Example: see the module docstring.
     """

@@ -1,22 +1,6 @@
-"""Score quality: baseline block criteria and the pruning comparison behind ``docs/score_quality.md``.
+"""The score-quality comparison behind ``docs/score_quality.md`` (run by ``benchmarks/score_quality.py``).
 
-Baseline per-block scores, in the tracker's block order (``{kind: 1-D tensor}``, usable as
-``select_blocks(scores, score=...)``):
-
-* weight magnitude and random: :func:`apt_salience.demo.magnitude_scores` /
-  :func:`apt_salience.demo.random_scores` (re-exported here);
-* :func:`wanda_scores`: Wanda-style ``sum_{c in block} sum_o |W[o, c]| * ||X_c||_2`` over the
-  site's input columns (``X`` the site input on calibration tokens, padding excluded), collected
-  by :class:`ActivationNorms`;
-* :func:`weight_taylor_scores` / :class:`WeightTaylor`: weight-gradient first-order Taylor
-  ``|sum_{w in block} w * dL/dw|`` per block. A block's weights are its input columns of the
-  site plus the matching output rows of the linears that produce the site's input (Q, K, V for a
-  head; up / gate for a neuron), as LLM-Pruner's group Taylor. Restricted to the site's columns
-  it would equal the tracker's ``salience.mode: taylor`` exactly (``sum_o W[o, c] dW[o, c] =
-  sum_t H[t, c] dL/dH[t, c]``); the producer rows make it a different criterion. Needs ``.grad``
-  on those weights (full fine-tuning).
-
-The comparison (:func:`compare_criteria`, signature fixed for the demo CLI)::
+:func:`compare_criteria` (its signature is what ``apt-salience demo --compare`` calls)::
 
     compare_criteria(*, seed=0, budgets=(0.7, 0.5, 0.4), train_size=None, val_size=200,
                      test_size=400, steps=120, batch_size=16, lr=1e-4, max_length=64,
@@ -24,11 +8,13 @@ The comparison (:func:`compare_criteria`, signature fixed for the demo CLI)::
                      random_seeds=(0, 1, 2), calib_size=128, cache_dir=None,
                      recover=True, workers=1, progress=False, log=None) -> Comparison
 
-1. splits the demo's tweets (:func:`apt_salience.demo.load_tweets`): a held-out test split, and a
-   validation split carved from the training rows (never trained on);
-2. fine-tunes all-MiniLM-L6-v2 once, with one tracker per ``salience.mode`` x ``kurtosis.combine``
-   combination and a :class:`WeightTaylor` attached at the same time (cached under ``cache_dir``);
-3. computes the baselines on the fine-tuned model (Wanda's norms on ``calib_size`` training rows);
+1. splits the demo's tweets (:func:`apt_salience.cli.data.load_tweets`): a held-out test split, and
+   a validation split carved from the training rows (never trained on);
+2. fine-tunes all-MiniLM-L6-v2 once (:func:`apt_salience.cli.train.finetune`), with one tracker per
+   ``salience.mode`` x ``kurtosis.combine`` combination and a :class:`apt_salience.criteria.WeightTaylor`
+   attached at the same time (cached under ``cache_dir``);
+3. computes the baselines of :mod:`apt_salience.criteria` on the fine-tuned model (Wanda's norms on
+   ``calib_size`` training rows);
 4. on the validation split, prunes with every column (random: seed 0) under every (allocation,
    calibration) of ``options`` at every budget (retraining-free); the *recommended* setting is the
    tracker setting and option with the best mean validation accuracy over the budgets, and every
@@ -40,26 +26,18 @@ The comparison (:func:`compare_criteria`, signature fixed for the demo CLI)::
    ``recovery_steps`` fine-tuning steps of the physically pruned model. With ``cache_dir`` every
    finished evaluation is cached too, so an interrupted run resumes.
 
-Pruned models are evaluated physically pruned (:func:`apt_salience.pruning.prune_model`,
-equivalent to the masks and cheaper). :meth:`Comparison.to_markdown` renders the tables.
+Pruned models are evaluated physically pruned (:func:`apt_salience.prune_model`, equivalent to the
+masks and cheaper), ``workers`` of them at a time in forked processes that read the fine-tuned model
+and the scores from a module global set before the fork (:data:`_JOB_CTX`).
+:meth:`Comparison.to_markdown` renders the tables.
 
-Example:
-    >>> import torch
-    >>> from transformers import BertConfig, BertForSequenceClassification
-    >>> from apt_salience.quality import weight_taylor_scores
-    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
-    <torch._C.Generator object at ...>
-    >>> m = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2,
-    ...     num_attention_heads=4, intermediate_size=64, vocab_size=100))
-    >>> m(input_ids=torch.randint(0, 100, (2, 7)), labels=torch.tensor([0, 1])).loss.backward()
-    >>> s = weight_taylor_scores(m)
-    >>> s["head"].shape, s["neuron"].shape, bool((s["head"] >= 0).all())
-    (torch.Size([8]), torch.Size([128]), True)
+This file is benchmark code, not part of the installed package: import it from a source checkout
+(``benchmarks/`` on ``sys.path``, as ``benchmarks/score_quality.py`` runs it, or
+:func:`apt_salience.cli.demo.load_score_quality`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -72,25 +50,15 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
-from .architectures import Site, find_sites, linear_weight
-from .config import ConfigLike, load_config
-from .demo import _producers, magnitude_scores, random_scores
+from apt_salience import attach, prune_model, select_blocks
+from apt_salience.cli.data import load_tweets
+from apt_salience.cli.models import load_minilm_classifier
+from apt_salience.cli.train import evaluate, finetune
+from apt_salience.criteria import ActivationNorms, WeightTaylor, magnitude_scores, random_scores, wanda_scores
+from apt_salience.scores import SalienceScores
 
-__all__ = [
-    "magnitude_scores",
-    "random_scores",
-    "wanda_scores",
-    "ActivationNorms",
-    "weight_taylor_scores",
-    "WeightTaylor",
-    "block_groups",
-    "TRACKER_SETTINGS",
-    "DEFAULT_OPTIONS",
-    "Comparison",
-    "compare_criteria",
-]
+__all__ = ["TRACKER_SETTINGS", "DEFAULT_OPTIONS", "PAPER_DEFAULT", "BASELINES", "Comparison", "compare_criteria"]
 
 logger = logging.getLogger("apt_salience")
 
@@ -105,261 +73,6 @@ DEFAULT_OPTIONS: Tuple[Tuple[str, str], ...] = (
     ("global", "none"), ("global", "site_mean"), ("uniform", "none"), ("relative", "none"))
 PAPER_DEFAULT = ("compressed+add", "global", "none")
 BASELINES = ("magnitude", "random", "wanda", "weight_taylor")
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    m = module
-    while hasattr(m, "base_layer") and hasattr(m, "lora_A"):
-        m = m.base_layer  # type: ignore[assignment]
-    return type(m).__name__ == "Conv1D"
-
-
-def _base_weight(module: nn.Module) -> nn.Parameter:
-    m = module
-    while hasattr(m, "base_layer") and hasattr(m, "lora_A"):
-        m = m.base_layer  # type: ignore[assignment]
-    return m.weight  # type: ignore[return-value]
-
-
-def block_groups(model: nn.Module, config: ConfigLike = None,
-                 kinds: Sequence[str] = ("head", "neuron")) -> List[Tuple[Site, List[nn.Module]]]:
-    """``[(site, producers)]`` in model order: each head / neuron site and the linears writing its input.
-
-    Example:
-        >>> from transformers import BertConfig, BertModel
-        >>> m = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-        ...     intermediate_size=64, vocab_size=100))
-        >>> [(s.kind, len(p)) for s, p in block_groups(m)]
-        [('head', 3), ('neuron', 1)]
-    """
-    sites, _ = find_sites(model, load_config(config))
-    return [(s, _producers(model, s)) for s in sites if s.kind in kinds]
-
-
-def _column_products(module: nn.Module, grad: Tensor) -> Tensor:
-    """``sum_o W[o, c] * G[o, c]`` per input column c (float64), G in the parameter's own layout."""
-    w = _base_weight(module).detach()
-    prod = w.double() * grad.detach().double()
-    return prod.sum(1) if _is_conv1d(module) else prod.sum(0)
-
-
-def _row_products(module: nn.Module, grad: Tensor) -> Tensor:
-    """``sum_i W[r, i] * G[r, i]`` per output row r (float64)."""
-    w = _base_weight(module).detach()
-    prod = w.double() * grad.detach().double()
-    return prod.sum(0) if _is_conv1d(module) else prod.sum(1)
-
-
-def weight_taylor_scores(model: nn.Module, config: ConfigLike = None,
-                         kinds: Sequence[str] = ("head", "neuron")) -> Dict[str, Tensor]:
-    """``|sum over the block's weights of w * w.grad|`` per head / neuron block, from the current ``.grad``.
-
-    The block's weights: its input columns of the site and the matching output rows of the
-    producers (:func:`block_groups`). A weight without ``.grad`` contributes nothing. Returns
-    float64 CPU tensors ``{kind: [num_blocks]}`` in the tracker's block order.
-
-    Example:
-        >>> from torch import nn
-        >>> m = nn.Sequential(nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2)))  # up "0.0", down "0.1"
-        >>> m(torch.ones(1, 2)).sum().backward()
-        >>> cfg = {"architecture": "custom", "sites": {"neurons": r"0[.]1"}}
-        >>> s = weight_taylor_scores(m, cfg)["neuron"]
-        >>> w0, w1 = m[0][0].weight, m[0][1].weight
-        >>> ref = ((w1 * w1.grad).sum(0) + (w0 * w0.grad).sum(1)).abs()
-        >>> bool(torch.allclose(s, ref.double()))
-        True
-    """
-    out: Dict[str, List[Tensor]] = {k: [] for k in kinds}
-    for site, prods in block_groups(model, config, kinds):
-        per_ch = torch.zeros(site.in_features, dtype=torch.float64)
-        g = _base_weight(site.module).grad
-        if g is not None:
-            per_ch += _column_products(site.module, g).cpu()
-        for p in prods:
-            gp = _base_weight(p).grad
-            if gp is not None:
-                per_ch += _row_products(p, gp).cpu()
-        out[site.kind].append(per_ch.view(-1, site.block_size).sum(1).abs())
-    return {k: torch.cat(v) for k, v in out.items() if v}
-
-
-class WeightTaylor:
-    """Streams weight-gradient Taylor scores during training, aggregated like the tracker.
-
-    Per optimizer step: the signed ``sum w * dL/dw`` over each block's weights (all backward
-    passes of the step, read by tensor hooks on the weights, so before clipping or
-    ``zero_grad``), then its absolute value; folded into an EMA with ``ema_beta`` at every
-    :meth:`step` (0.85: the tracker's default, ``update_frequency`` 1). Duck-types the parts of a
-    tracker that :func:`apt_salience.demo.finetune` uses (``token_mask``, ``step``).
-
-    Example:
-        >>> from torch import nn
-        >>> m = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2))
-        >>> wt = WeightTaylor(m, {"architecture": "custom", "sites": {"neurons": "1"}}, ema_beta=0.0)
-        >>> m(torch.ones(1, 2)).sum().backward(); wt.step()
-        True
-        >>> bool(torch.allclose(wt.scores()["neuron"], weight_taylor_scores(m, {"architecture": "custom",
-        ...     "sites": {"neurons": "1"}})["neuron"]))
-        True
-        >>> wt.detach()
-    """
-
-    def __init__(self, model: nn.Module, config: ConfigLike = None, *, ema_beta: float = 0.85,
-                 kinds: Sequence[str] = ("head", "neuron")):
-        if isinstance(ema_beta, bool) or not isinstance(ema_beta, (int, float)) or not 0 <= ema_beta < 1:
-            raise ValueError(f"ema_beta must be a number with 0 <= ema_beta < 1, got {ema_beta!r}")
-        self.ema_beta = float(ema_beta)
-        self._groups = block_groups(model, config, kinds)
-        self._step_sum: List[Tensor] = [torch.zeros(s.in_features, dtype=torch.float64) for s, _ in self._groups]
-        self._ema: Dict[str, Tensor] = {}
-        self._seen = False
-        self._handles: List[RemovableHandle] = []
-        self.steps = 0
-        for i, (site, prods) in enumerate(self._groups):
-            w = _base_weight(site.module)
-            if w.requires_grad:
-                self._handles.append(w.register_hook(self._make_hook(i, site.module, columns=True)))
-            for p in prods:
-                wp = _base_weight(p)
-                if wp.requires_grad:
-                    self._handles.append(wp.register_hook(self._make_hook(i, p, columns=False)))
-
-    def _make_hook(self, i: int, module: nn.Module, columns: bool) -> Callable[[Tensor], None]:
-        def hook(g: Tensor) -> None:
-            with torch.no_grad():
-                v = _column_products(module, g) if columns else _row_products(module, g)
-                self._step_sum[i] += v.cpu()
-            self._seen = True
-
-        return hook
-
-    @contextlib.contextmanager
-    def token_mask(self, mask: Tensor) -> Iterator["WeightTaylor"]:
-        """No-op (weight gradients already exclude padding through the loss); for tracker compatibility."""
-        yield self
-
-    def step(self) -> bool:
-        """Close one optimizer step; returns True when the step saw a gradient."""
-        self.steps += 1
-        if not self._seen:
-            return False
-        per_kind: Dict[str, List[Tensor]] = {}
-        for (site, _), acc in zip(self._groups, self._step_sum):
-            per_kind.setdefault(site.kind, []).append(acc.view(-1, site.block_size).sum(1).abs())
-            acc.zero_()
-        b = self.ema_beta
-        for k, v in per_kind.items():
-            cur = torch.cat(v)
-            self._ema[k] = b * self._ema.get(k, torch.zeros_like(cur)) + (1 - b) * cur
-        self._seen = False
-        return True
-
-    def scores(self) -> Dict[str, Tensor]:
-        """``{kind: EMA score per block}`` (float64 CPU)."""
-        if not self._ema:
-            raise RuntimeError("WeightTaylor has seen no gradient yet: call step() after a backward pass")
-        return {k: v.clone() for k, v in self._ema.items()}
-
-    def detach(self) -> None:
-        """Remove the weight hooks (idempotent)."""
-        while self._handles:
-            self._handles.pop().remove()
-
-
-class ActivationNorms:
-    """Per-input-channel ``sum x^2`` at every head / neuron site over the forwards it sees (Wanda's ``||X||``).
-
-    Use :meth:`token_mask` to exclude padding. Works with or without gradients.
-
-    Example:
-        >>> from torch import nn
-        >>> m = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2))
-        >>> with ActivationNorms(m, {"architecture": "custom", "sites": {"neurons": "1"}}) as norms:
-        ...     _ = m(torch.ones(4, 2))
-        >>> bool(torch.allclose(norms.norms()["1"], (m[0](torch.ones(4, 2)) ** 2).sum(0).sqrt().double()))
-        True
-    """
-
-    def __init__(self, model: nn.Module, config: ConfigLike = None, kinds: Sequence[str] = ("head", "neuron")):
-        sites, _ = find_sites(model, load_config(config))
-        self.sites = [s for s in sites if s.kind in kinds]
-        self._sq = {s.name: torch.zeros(s.in_features, dtype=torch.float64) for s in self.sites}
-        self._mask: Optional[Tensor] = None
-        self._handles = [s.module.register_forward_pre_hook(self._make_hook(s)) for s in self.sites]
-
-    def _make_hook(self, site: Site) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Tuple[Any, ...]) -> None:
-            x = next((a for a in args if isinstance(a, Tensor)), None)
-            if x is None:
-                return
-            with torch.no_grad():
-                x2 = x.detach().reshape(-1, site.in_features).double()
-                if self._mask is not None:
-                    if self._mask.numel() != x2.shape[0]:
-                        raise ValueError(
-                            f"token_mask has {self._mask.numel()} tokens but site '{site.name}' sees {x2.shape[0]}"
-                        )
-                    x2 = x2[self._mask.to(x2.device)]
-                self._sq[site.name] += (x2 * x2).sum(0).cpu()
-
-        return hook
-
-    @contextlib.contextmanager
-    def token_mask(self, mask: Tensor) -> Iterator["ActivationNorms"]:
-        """Count only the tokens where ``mask`` ([batch, sequence]) is non-zero."""
-        prev = self._mask
-        self._mask = mask.detach().reshape(-1) != 0
-        try:
-            yield self
-        finally:
-            self._mask = prev
-
-    def norms(self) -> Dict[str, Tensor]:
-        """``{site: ||X_c||_2 per input channel}`` (float64 CPU)."""
-        return {k: v.sqrt() for k, v in self._sq.items()}
-
-    def detach(self) -> None:
-        while self._handles:
-            self._handles.pop().remove()
-
-    def __enter__(self) -> "ActivationNorms":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.detach()
-
-
-def wanda_scores(model: nn.Module, norms: Mapping[str, Tensor], config: ConfigLike = None,
-                 kinds: Sequence[str] = ("head", "neuron")) -> Dict[str, Tensor]:
-    """Wanda-style block score ``sum_{c in block} (sum_o |W[o, c]|) * ||X_c||_2`` (site input columns).
-
-    ``norms``: ``{site name: ||X_c||_2}`` as :meth:`ActivationNorms.norms` returns.
-
-    Example:
-        >>> from torch import nn
-        >>> m = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2))
-        >>> cfg = {"architecture": "custom", "sites": {"neurons": "1"}}
-        >>> s = wanda_scores(m, {"1": torch.tensor([1.0, 0.0, 2.0])}, cfg)["neuron"]
-        >>> bool(torch.allclose(s, (m[1].weight.abs().sum(0) * torch.tensor([1.0, 0.0, 2.0])).double()))
-        True
-    """
-    sites, _ = find_sites(model, load_config(config))
-    out: Dict[str, List[Tensor]] = {k: [] for k in kinds}
-    for s in sites:
-        if s.kind not in out:
-            continue
-        if s.name not in norms:
-            raise ValueError(f"norms has no entry for site '{s.name}' (has: {sorted(norms)[:4]}...)")
-        n = torch.as_tensor(norms[s.name]).double().cpu().reshape(-1)
-        if n.numel() != s.in_features:
-            raise ValueError(f"norms['{s.name}'] has {n.numel()} channels, the site has {s.in_features}")
-        col = linear_weight(s.module).detach().double().abs().sum(0).cpu()
-        out[s.kind].append((col * n).view(-1, s.block_size).sum(1))
-    return {k: torch.cat(v) for k, v in out.items() if v}
-
-
-# ------------------------------------------------------------------------------------------------
-# The comparison
 
 
 @dataclass
@@ -521,28 +234,23 @@ def _cache_key(settings: Mapping[str, Any]) -> str:
 
 
 def _prune_copy(model: nn.Module, selection: Any) -> nn.Module:
-    from .pruning import prune_model
-
     m = copy.deepcopy(model)
     prune_model(m, selection)
     return m
 
 
+#: What the evaluation jobs read (the fine-tuned model, the tokenizer, the splits, the scores); set by
+#: :func:`compare_criteria` before the worker processes are forked, so they inherit it.
 _JOB_CTX: Dict[str, Any] = {}
 
 
 def _evaluate(m: nn.Module, split: str) -> float:
-    from . import demo
-
     x, y = _JOB_CTX[split]
-    return demo.evaluate(m, _JOB_CTX["tok"], x, y, max_length=_JOB_CTX["max_length"])
+    return evaluate(m, _JOB_CTX["tok"], x, y, max_length=_JOB_CTX["max_length"])
 
 
 def _run_job(job: Tuple[str, str, str, str, float, int]) -> Tuple[Tuple[Any, ...], float, Optional[float]]:
     """One (split, column, allocation, calibration, budget, random seed): prune a copy, evaluate, maybe recover."""
-    from . import demo
-    from .selection import select_blocks
-
     split, name, alloc, cal, b, rseed = job
     c = _JOB_CTX
     torch.set_num_threads(1)
@@ -554,7 +262,7 @@ def _run_job(job: Tuple[str, str, str, str, float, int]) -> Tuple[Tuple[Any, ...
     acc_rec: Optional[float] = None
     if split == "test" and c["recover"]:
         x, y = c["train"]
-        demo.finetune(pruned, c["tok"], x, y, steps=c["recovery_steps"], batch_size=c["batch_size"],
+        finetune(pruned, c["tok"], x, y, steps=c["recovery_steps"], batch_size=c["batch_size"],
                       lr=c["recovery_lr"], seed=c["seed"] + 1000 + rseed, max_length=c["max_length"], progress=False)
         acc_rec = _evaluate(pruned, split)
     return job, acc, acc_rec
@@ -601,16 +309,9 @@ def compare_criteria(
     See the module docstring for the protocol. ``cache_dir`` (e.g. ``/tmp/apt_salience_quality``)
     keeps the fine-tuned weights and all scores between runs. ``log`` receives progress lines.
     ``workers`` > 1 evaluates the pruned models in that many forked processes (one thread each).
-
-    Example:
-        >>> from apt_salience.quality import compare_criteria
-        >>> callable(compare_criteria)
-        True
+    A full run takes about 30 minutes on 2 CPU cores; ``benchmarks/score_quality.py --quick`` runs
+    the pipeline on a few rows.
     """
-    from . import demo
-    from .scores import SalienceScores
-    from .tracker import attach
-
     budgets = tuple(float(b) for b in budgets)
     for b in budgets:
         if not 0 < b <= 1:
@@ -628,13 +329,13 @@ def compare_criteria(
     result = Comparison(budgets=budgets, settings=settings)
     t0 = time.time()
 
-    tr_x, tr_y, te_x, te_y = demo.load_tweets(seed, test_size=test_size)
+    tr_x, tr_y, te_x, te_y = load_tweets(seed, test_size=test_size)
     va_x, va_y = tr_x[:val_size], tr_y[:val_size]
     tr_x, tr_y = tr_x[val_size:], tr_y[val_size:]
     if train_size is not None:
         tr_x, tr_y = tr_x[:train_size], tr_y[:train_size]
 
-    model, tok = demo.load_minilm_classifier(seed=seed)
+    model, tok = load_minilm_classifier(seed=seed)
     cache: Optional[Path] = None
     if cache_dir is not None:
         cache = Path(cache_dir) / f"quality_{_cache_key(settings)}.pt"
@@ -647,7 +348,7 @@ def compare_criteria(
         trackers = {name: attach(model, cfg) for name, cfg in TRACKER_SETTINGS.items()}
         wt = WeightTaylor(model)
         say(f"fine-tuning {steps} steps x {batch_size} with {len(trackers)} trackers + weight Taylor attached")
-        demo.finetune(model, tok, tr_x, tr_y, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+        finetune(model, tok, tr_x, tr_y, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                       trackers=[*trackers.values(), wt], max_length=max_length, progress=progress)
         raw = {n: t.scores().to_dict() for n, t in trackers.items()}
         for t in trackers.values():
