@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .config import PRESET_NAMES, ConfigError, SalienceConfig
+from .layout import BlockLayout, SiteKind, layer_of
 from .salience import head_param_count, neuron_param_count
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .selection import BlockLayout
 
 __all__ = ["ArchitectureSpec", "HiddenSpec", "ARCHITECTURES", "Site", "find_sites", "linear_dims", "linear_weight",
            "detect_architecture", "resolve_module", "block_size_of", "layout_sites", "attention_projections",
@@ -256,7 +254,7 @@ def resolve_module(modules: Mapping[str, nn.Module], name: str) -> Tuple[str, nn
     raise ValueError(f"module name '{name}' is ambiguous in this model (candidates: {cands[:4]})")
 
 
-def block_size_of(layout: "BlockLayout", name: str, dims: Optional[Tuple[int, int]], count: int) -> int:
+def block_size_of(layout: BlockLayout, name: str, dims: Optional[Tuple[int, int]], count: int) -> int:
     """The site's block size from the layout, or (scores without it) from the module's input width."""
     bs = layout.block_size.get(name)
     if bs:
@@ -266,7 +264,7 @@ def block_size_of(layout: "BlockLayout", name: str, dims: Optional[Tuple[int, in
     return 1
 
 
-def layout_sites(modules: Mapping[str, nn.Module], layout: "BlockLayout", what: str = "masks",
+def layout_sites(modules: Mapping[str, nn.Module], layout: BlockLayout, what: str = "masks",
                  kinds: Tuple[str, ...] = ("head", "neuron")) -> List[Tuple[str, str, str, nn.Module, int, int]]:
     """The head / neuron sites a layout names, found in ``modules``: ``(kind, name, real name, module, blocks, block size)``.
 
@@ -333,7 +331,7 @@ class Site:
     """One hooked module and what its blocks are."""
 
     name: str
-    kind: str  # head | neuron | adapter
+    kind: SiteKind
     module: nn.Module
     in_features: int
     out_features: int
@@ -381,14 +379,6 @@ def _config_head_dim(cfg: Any) -> Optional[int]:
     if isinstance(heads, int) and isinstance(hidden, int) and hidden % heads == 0:
         return hidden // heads
     return None
-
-
-def _layer_of(name: str) -> str:
-    parts = name.split(".")
-    for i, p in enumerate(parts):
-        if p.isdigit():
-            return ".".join(parts[: i + 1])
-    return name.rsplit(".", 1)[0] if "." in name else name
 
 
 def _linear_listing(model: nn.Module, limit: int = 12) -> str:
@@ -441,7 +431,9 @@ def find_sites(model: nn.Module, config: SalienceConfig) -> Tuple[List[Site], st
     cfg = _model_config(model)
     head_dim = config.sites.head_dim or _config_head_dim(cfg)
 
-    compiled = {k: re.compile(r) for k, r in (("head", heads_re), ("neuron", neurons_re), ("adapter", adapters_re)) if r}
+    patterns: Tuple[Tuple[SiteKind, Optional[str]], ...] = (("head", heads_re), ("neuron", neurons_re),
+                                                             ("adapter", adapters_re))
+    compiled = {k: re.compile(r) for k, r in patterns if r}
     modules = dict(model.named_modules())
     sites: List[Site] = []
     for name, module in model.named_modules():
@@ -514,7 +506,7 @@ def find_sites(model: nn.Module, config: SalienceConfig) -> Tuple[List[Site], st
             a_dims = linear_dims(modules[a_name]) if a_name in modules else None
             count = float((a_dims[0] if a_dims else d_out) + d_out)
             block = 1
-        sites.append(Site(name, kind, module, d_in, d_out, block, _layer_of(name), count, _module_device(module)))
+        sites.append(Site(name, kind, module, d_in, d_out, block, layer_of(name), count, _module_device(module)))
 
     if not any(s.kind in ("head", "neuron") for s in sites) and not any(s.kind == "adapter" for s in sites):
         raise ConfigError(

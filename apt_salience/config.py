@@ -91,6 +91,7 @@ class PruningConfig:
     allocation: str = "global"
     calibration: str = "none"
     min_per_site: int = 1
+    unobserved: str = "keep"  # keep | prune: the blocks of sites the tracker never observed (frozen layers below)
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ _CHOICES: Dict[str, tuple] = {
     "kurtosis.source": ("activation", "output"),
     "kurtosis.combine": ("add", "scaled"),
     "pruning.score": ("outlier_aware", "salience"),
+    "pruning.unobserved": ("keep", "prune"),
 }
 
 #: Block kinds the pruner may prune (``pruning.kinds``).
@@ -275,8 +277,8 @@ def _pruning_value(key: str, value: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be a non-empty list of distinct kinds from {', '.join(PRUNABLE)}, "
                               f"got {value!r}")
         return tuple(k for k in PRUNABLE if k in items)  # canonical order
-    if key == "score":
-        return _one_of(where, value, _CHOICES["pruning.score"])
+    if key in ("score", "unobserved"):
+        return _one_of(where, value, _CHOICES[f"pruning.{key}"])
     return _one_of(where, value, _registry(key))  # allocation, calibration
 
 
@@ -306,7 +308,7 @@ def pruning_config(base: Optional[PruningConfig] = None, **overrides: Any) -> Pr
     Args:
         base: the section to start from (e.g. ``load_config(path).pruning``).
         **overrides: ``keep_ratio``, ``start_step``, ``ramp_steps``, ``alpha``, ``kinds``, ``score``,
-            ``allocation``, ``calibration``, ``min_per_site``.
+            ``allocation``, ``calibration``, ``min_per_site``, ``unobserved``.
 
     Example:
         >>> pruning_config(keep_ratio=0.4, ramp_steps=None).keep_ratio

@@ -19,7 +19,7 @@ Example:
     >>> import torch
     >>> from torch import nn
     >>> from apt_salience.masks import apply_masks
-    >>> from apt_salience.selection import BlockLayout
+    >>> from apt_salience.layout import BlockLayout
     >>> model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 4))
     >>> layout = BlockLayout.from_model(model, {"architecture": "custom", "sites": {"neurons": "2"}})
     >>> x = torch.randn(2, 4)
@@ -37,7 +37,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .architectures import block_size_of, layout_sites, resolve_module
-from .selection import BlockLayout, Selection
+from .layout import BlockLayout
+from .selection import Selection
 
 __all__ = ["MaskHandle", "apply_masks", "resolve_module", "block_size_of"]
 
@@ -143,7 +144,7 @@ class MaskHandle:
                 if kind not in checked or kind not in self.kinds:
                     continue
                 m = checked[kind]
-                for name, sl in self.layout.slices(kind).items():
+                for name, sl in self.layout.by_site(kind).items():
                     _, _, ch = self._channel[name]
                     bs = ch.numel() // (sl.stop - sl.start)
                     ch.copy_(m[sl].repeat_interleave(bs).to(ch.device))
@@ -198,7 +199,7 @@ def apply_masks(model: nn.Module, masks: MasksArg, *, layout: Optional[BlockLayo
         >>> import torch
         >>> from transformers import BertConfig, BertModel
         >>> from apt_salience.masks import apply_masks
-        >>> from apt_salience.selection import BlockLayout
+        >>> from apt_salience.layout import BlockLayout
         >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         ...                              intermediate_size=64, vocab_size=100)).eval()
         >>> layout = BlockLayout.from_model(model)

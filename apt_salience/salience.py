@@ -20,12 +20,14 @@ from typing import Iterable, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .moments import batch_moments, kurtosis_from_moments, pool_moments
+from .moments import Moments, batch_moments, kurtosis_from_moments, pool_moments
 
 __all__ = [
     "compute_activation_gradient_product",
     "compute_kurtosis",
     "normalize_scores",
+    "compressed_salience",
+    "kurtosis_of_moments",
     "head_param_count",
     "neuron_param_count",
     "hidden_param_count",
@@ -99,7 +101,26 @@ def compute_activation_gradient_product(
     acc = torch.float64 if torch.float64 in (h.dtype, g.dtype) else torch.float32
     a = torch.linalg.vector_norm(h, ord=1, dim=0, dtype=acc)
     b = torch.linalg.vector_norm(g, ord=1, dim=0, dtype=acc)
-    return a * b
+    return compressed_salience(a, b)
+
+
+def compressed_salience(abs_activation_sum: Tensor, abs_gradient_sum: Tensor) -> Tensor:
+    """APT's compressed per-channel salience from the token sums: ``A[c] * B[c]`` (Eq. 5, Algorithm 1).
+
+    ``A[c] = sum_tokens |H[:, c]|`` and ``B[c] = sum_tokens |G[:, c]|`` of one optimizer step: the
+    tracker streams these two sums and calls this function once per step (the product is taken
+    per step, never across steps); :func:`compute_activation_gradient_product` computes them
+    from whole tensors and calls it too.
+
+    Args:
+        abs_activation_sum: ``A``, 1-D (or any shape; element-wise).
+        abs_gradient_sum: ``B``, the same shape.
+
+    Example:
+        >>> compressed_salience(torch.tensor([4.0, 6.0]), torch.tensor([1.0, 0.5])).tolist()
+        [4.0, 3.0]
+    """
+    return abs_activation_sum * abs_gradient_sum
 
 
 def compute_kurtosis(
@@ -130,8 +151,31 @@ def compute_kurtosis(
     h = _flatten_tokens(activations, channel_dim, mask, "activations")
     if h.shape[1] % group_size:
         raise ValueError(f"group_size={group_size} does not divide the {h.shape[1]} channels")
-    m = pool_moments(batch_moments(h), group_size)
-    k = kurtosis_from_moments(m, excess=excess)
+    return kurtosis_of_moments(batch_moments(h), group_size=group_size, excess=excess, sqrt=sqrt)
+
+
+def kurtosis_of_moments(moments: Moments, *, group_size: int = 1, excess: bool = False, sqrt: bool = False) -> Tensor:
+    """Per-channel (or per group of ``group_size`` contiguous channels) Pearson kurtosis from central moments.
+
+    ``Kurt = n * M4 / M2^2``; a group pools its channels' moments into one distribution (exact
+    shift to the pooled mean) first. ``excess`` gives ``max(Kurt - 3, 0)``; ``sqrt`` returns
+    ``sqrt(Kurt)``. Fewer than two values or zero variance give 0, never NaN. This is the kurtosis
+    :func:`compute_kurtosis` returns for whole tensors and the one the tracker publishes from the
+    window's streamed moments.
+
+    Args:
+        moments: per-channel ``(n, mean, M2, M3, M4)`` (:class:`~apt_salience.moments.Moments`).
+        group_size: channels per block (``d_head`` for heads).
+        excess: subtract 3 and clamp at 0.
+        sqrt: return the square root.
+
+    Example:
+        >>> from apt_salience.moments import batch_moments
+        >>> x = torch.tensor([[0., 1.], [0., -1.], [0., 1.], [0., -1.]])
+        >>> kurtosis_of_moments(batch_moments(x)).tolist(), kurtosis_of_moments(batch_moments(x), group_size=2).tolist()
+        ([0.0, 1.0], [2.0])
+    """
+    k = kurtosis_from_moments(pool_moments(moments, group_size), excess=excess)
     return k.sqrt() if sqrt else k
 
 

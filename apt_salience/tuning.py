@@ -425,7 +425,7 @@ class AdaptiveTuner:
         ...     opt.step(); opt.zero_grad(); _ = tracker.step(); _ = tuner.step()
         >>> [e["step"] for e in tuner.events], tuner.lora_parameters <= tuner.budget
         ([2, 4], True)
-        >>> tracker.detach()
+        >>> tracker.remove()
     """
 
     def __init__(

@@ -248,9 +248,15 @@ class SalienceCallback(TrainerCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
+        SalienceCallback.remove(self)  # a subclass's remove() may take more off (the pruner's masks) than ends here
+
+    def remove(self) -> None:
+        """Take the callback's hooks off the model: its padding-mask hooks, and the hooks of a tracker it
+        attached itself (a tracker passed in stays attached). Safe to call twice; ``on_train_end`` calls it,
+        so call it yourself only when training stops without it (an exception in ``trainer.train()``)."""
         self._remove_mask_hooks()
         if self.tracker is not None and self._owns_tracker:
-            self.tracker.detach()
+            self.tracker.remove()
 
     # ------------------------------------------------------------------ helpers
 
@@ -543,6 +549,13 @@ class AdaptivePruningCallback(SalienceCallback):
                 self.saved_to = folder
         finally:
             super().on_train_end(args, state, control, **kwargs)
+
+    def remove(self) -> None:
+        """Take every hook the callback added off the model (the pruner's masks too, when it did not
+        finalize: the model is then the unpruned one); safe to call twice. ``on_train_end`` finalizes first."""
+        if self.pruner is not None and not self.pruner.finalized:
+            self.pruner.remove()
+        super().remove()
 
     def _pruner(self) -> AdaptivePruner:
         if self.pruner is None:

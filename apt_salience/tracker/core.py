@@ -28,8 +28,9 @@ from torch import Tensor, nn
 
 from ..architectures import Site, find_sites
 from ..config import ConfigLike, SalienceConfig, load_config
+from ..layout import BlockLayout
 from ..scores import SalienceScores
-from .accumulate import Accumulator, Probe
+from .accumulate import BLOCK_KINDS, Accumulator, Probe
 from .distributed import DistributedSync, process_group
 from .errors import SalienceWarning, TrackerStateError
 from .hooks import HookSet
@@ -111,10 +112,9 @@ class SalienceTracker:
             pin = Probe(s, "in", s.in_features, s.block_size, in_order, dec, s.device)
             pout = Probe(s, "out", s.out_features, 1, out_order, dec, s.device) if s.writes_hidden else None
             self._pairs.append((pin, pout))
-        self.d_model = next((s.out_features for s in sites if s.writes_hidden), 0)
-        counts = {k: n for k in ("head", "neuron", "adapter") if (n := sum(s.num_blocks for s in sites if s.kind == k))}
-        if self.d_model:
-            counts["hidden"] = self.d_model
+        layout = self.layout
+        self.d_model = layout.d_model
+        counts = {k: layout.num_blocks(k) for k in BLOCK_KINDS if k in layout.sites}
         probes = [p for pair in self._pairs for p in pair if p is not None]
         self._acc = Accumulator(probes, RECIPES[cfg.salience.mode], counts, self._home)
         self._acc.init_ema(("salience", "outlier_aware") + (("uncertainty",) if cfg.uncertainty_beta is not None else ()))
@@ -167,6 +167,12 @@ class SalienceTracker:
     def model(self) -> nn.Module:
         """The model the tracker was attached to."""
         return self._model
+
+    @property
+    def layout(self) -> BlockLayout:
+        """The block layout of the tracked sites, from the current module shapes (built on each call; a
+        reading carries the layout it was published with as ``scores.layout``)."""
+        return BlockLayout.from_sites(self.sites, self.architecture)
 
     @property
     def attached(self) -> bool:
@@ -260,17 +266,9 @@ class SalienceTracker:
             logger.info("apt_salience: window ending at step %d observed nothing; no reading", self._steps)
             self._acc.reset_window()
             return False
-        meta = {
-            "architecture": self.architecture,
-            "config": self.config.to_dict(),
-            "window_steps": n_steps,
-            "layers": {s.name: s.layer for s in self.sites},
-            "block_size": {s.name: s.block_size for s in self.sites},
-            "fingerprint": self._fingerprint,
-            "unobserved_sites": sorted({k.rsplit(":", 1)[0] for k in self._obs.unobserved}),
-        }
-        self._scores = publish_reading(self._acc, self.sites, self._pairs, self.config, self.d_model, n_steps,
-                                       self._steps, meta)
+        self._scores = publish_reading(  # the layout of the current shapes (parameter counts after pruning)
+            self._acc, self.layout, self._pairs, self.config, n_steps, self._steps, fingerprint=self._fingerprint,
+            unobserved_sites=sorted({k.rsplit(":", 1)[0] for k in self._obs.unobserved}))
         self._publications += 1
         self._acc.reset_window()
         return True
@@ -315,6 +313,7 @@ class SalienceTracker:
                 old.block_param_count = new.block_param_count
                 old.module = new.module
         else:
+            self.architecture = arch
             self._build(sites)
             self._scores = None
             logger.info("apt_salience: layout changed on refresh (%s -> %s); statistics restarted", old_fp, self._fingerprint)
@@ -322,10 +321,16 @@ class SalienceTracker:
         self._register()
 
     def uncertainty(self) -> Dict[str, Tensor]:
-        """AdaLoRA-style uncertainty ``U`` per kind (``uncertainty_beta`` set), for the score ``S_bar * U``."""
+        """AdaLoRA-style uncertainty ``U`` per kind (``uncertainty_beta`` set), for the score ``S_bar * U``.
+
+        The latest reading's ``BlockScores.uncertainty`` (zeros before the first reading); read it
+        from the reading (``scores.head.uncertainty``, ``scores.uncertainty()``) rather than from here.
+        """
         if self.config.uncertainty_beta is None:
             raise TrackerStateError("uncertainty is off: set 'uncertainty_beta' in the config")
-        return {k: v["uncertainty"].float().cpu() for k, v in self._acc.ema.items()}
+        if self._scores is not None:
+            return self._scores.uncertainty()
+        return {k: torch.zeros(n) for k, n in self._acc.counts.items()}
 
     def state_bytes(self) -> int:
         """Bytes held by the tracker's persistent tensors (independent of batch and sequence length)."""
