@@ -103,12 +103,15 @@ def _as_f64(t: Any) -> Tensor:
 class BlockLayout:
     """Which blocks a reading, a selection or a mask set refers to.
 
-    ``sites[kind]`` lists ``(module_name, num_blocks)`` in model order (``hidden`` has the single
-    pseudo-site ``("hidden", d_model)``); ``block_size[site]`` is ``d_head`` for head sites and 1
-    otherwise (a head size missing from an old scores file is read from the model by
-    :func:`~apt_salience.architectures.block_size_of`); ``layers[site]`` the layer it belongs to;
-    ``param_count[kind]`` the per-block parameter counts (float64); ``d_model`` the hidden size;
-    ``architecture`` the preset name (``custom`` for configured sites; None when unknown).
+    Attributes:
+        sites: per kind, ``(module_name, num_blocks)`` in model order (``hidden`` has the single
+            pseudo-site ``("hidden", d_model)``).
+        block_size: per site, ``d_head`` for head sites and 1 otherwise (a head size missing from an
+            old scores file is read from the model by :func:`~apt_salience.architectures.block_size_of`).
+        layers: per site, the layer it belongs to (:func:`layer_of` for tracker sites).
+        d_model: the hidden size.
+        param_count: per kind, the per-block parameter counts (float64).
+        architecture: the preset name (``custom`` for configured sites; None when unknown).
     """
 
     sites: Dict[str, Tuple[Tuple[str, int], ...]]

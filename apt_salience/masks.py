@@ -56,6 +56,12 @@ class MaskHandle:
     """The hooks of one :func:`apply_masks` call: :meth:`update` the masks in place, :meth:`remove` them.
 
     ``remove()`` is idempotent; the handle is also a context manager.
+
+    Args:
+        model: the model the hooks go on (modified in place through hooks until :meth:`remove`).
+        layout: the layout the masks follow.
+        masks: ``{kind: 1-D float mask}`` already checked against ``layout``
+            (:func:`apply_masks` builds the handle; call that).
     """
 
     def __init__(self, model: nn.Module, layout: BlockLayout, masks: Dict[str, Tensor]):
@@ -127,7 +133,11 @@ class MaskHandle:
         return bool(self._handles)
 
     def update(self, masks: MasksArg) -> None:
-        """Replace the mask values (a :class:`Selection` with the same layout, or ``{kind: 1-D tensor}``)."""
+        """Replace the mask values (a :class:`Selection` with the same layout, or ``{kind: 1-D tensor}``).
+
+        Args:
+            masks: a :class:`Selection` with this handle's layout, or ``{kind: 1-D tensor}`` of the masked kinds.
+        """
         if isinstance(masks, Selection):
             if masks.layout.sites != self.layout.sites:
                 raise ValueError("the selection's block layout differs from the one these masks were applied with")
@@ -193,7 +203,8 @@ def apply_masks(model: nn.Module, masks: MasksArg, *, layout: Optional[BlockLayo
         layout: the :class:`~apt_salience.selection.BlockLayout` of a dict of masks (a Selection's layout by default).
 
     Kinds absent from ``masks`` are not hooked (hidden only when given). Returns a
-    :class:`MaskHandle`; ``handle.remove()`` restores the model exactly.
+    :class:`MaskHandle`; ``handle.remove()`` restores the model exactly. Modifies the model in place
+    through forward hooks (its weights are not touched) until the handle is removed.
 
     Example:
         >>> import torch

@@ -209,7 +209,8 @@ class AdaptivePruner:
     not used yet and the schedule has started, it selects the blocks to keep at the scheduled share
     and moves its masks by ``alpha`` towards that selection (the model is masked through hooks the
     pruner owns). :meth:`finalize` removes the pruned blocks physically and returns the
-    :class:`~apt_salience.pruning.PruneReport`.
+    :class:`~apt_salience.pruning.PruneReport`. Modifies the model in place: through mask hooks while
+    it steps (:meth:`remove` takes them off), physically in :meth:`finalize`.
 
     Args:
         model: the model the tracker is attached to (a PEFT LoRA model too).

@@ -141,6 +141,14 @@ def compute_kurtosis(
     zero variance or fewer than two values give 0, never NaN. Computed in float64 from
     mean-shifted float32 power sums (stable when |mean| >> std).
 
+    Args:
+        activations: X, any layout; ``channel_dim`` names its channel axis.
+        channel_dim: the channel axis (default last).
+        group_size: channels pooled into one distribution (``d_head`` for a head).
+        mask: optional boolean/0-1 tensor over the non-channel dimensions; zeros are excluded.
+        sqrt: return ``sqrt(Kurt)``.
+        excess: use ``max(Kurt - 3, 0)``.
+
     Example:
         >>> x = torch.tensor([[0., 1.], [0., -1.], [0., 1.], [0., -1.]])
         >>> compute_kurtosis(x, sqrt=False).tolist()
@@ -184,6 +192,10 @@ def normalize_scores(scores: Tensor, param_counts: Union[Tensor, Sequence[float]
 
     Raises ``ValueError`` for a non-positive or non-finite parameter count.
 
+    Args:
+        scores: per-block scores.
+        param_counts: per-block parameter counts (a tensor, a sequence or one number; broadcast to ``scores``).
+
     Example:
         >>> normalize_scores(torch.tensor([6.0, 9.0]), head_param_count(d_model=4, head_dim=2, num_heads=2))
         tensor([0.1875, 0.2812])
@@ -225,6 +237,12 @@ def head_param_count(d_model: int, head_dim: int, num_heads: int, num_kv_heads: 
     Without grouped-query attention (``num_kv_heads`` None or equal to ``num_heads``) this is
     ``4 * d_head * d_model``, the paper's ``4 d_m d_m / n_h``. Biases are left out.
 
+    Args:
+        d_model: the hidden size.
+        head_dim: channels per head.
+        num_heads: query heads of the attention.
+        num_kv_heads: key / value heads (grouped-query attention); None: ``num_heads``.
+
     Example:
         >>> head_param_count(768, 64, 12), head_param_count(4096, 128, 32, num_kv_heads=8)
         (196608.0, 1310720.0)
@@ -238,6 +256,10 @@ def head_param_count(d_model: int, head_dim: int, num_heads: int, num_kv_heads: 
 
 def neuron_param_count(d_model: int, gated: bool = False) -> float:
     """Parameters of one FFN neuron: ``2 * d_model`` (``3 * d_model`` for gated FFNs such as LLaMA's).
+
+    Args:
+        d_model: the hidden size.
+        gated: the FFN has a gate projection (three matrices).
 
     Example:
         >>> neuron_param_count(768), neuron_param_count(4096, gated=True)
@@ -253,6 +275,9 @@ def hidden_param_count(layers: Iterable[Tuple[int, int, int, int, bool]]) -> flo
     ``layers`` yields ``(num_heads, num_kv_heads, head_dim, d_ff, gated)`` per attention/FFN
     block pair; pass ``d_ff=0`` or ``num_heads=0`` for a layer that lacks one of them (e.g. a
     T5 cross-attention block). The paper's ``n_L (4 d_m + 2 n_f)`` without GQA.
+
+    Args:
+        layers: per attention / FFN block pair, ``(num_heads, num_kv_heads, head_dim, d_ff, gated)``.
 
     Example:
         >>> hidden_param_count([(12, 12, 64, 3072, False)] * 12) == 12 * (4 * 768 + 2 * 3072)
@@ -311,6 +336,11 @@ def outlier_aware_salience(salience: Tensor, sqrt_kurtosis: Tensor, *, combine: 
 
 def ema_update(previous: Tensor, value: Tensor, beta: float) -> Tensor:
     """One step of APT's smoothing, ``beta * previous + (1 - beta) * value`` (a new tensor).
+
+    Args:
+        previous: ``S_bar`` so far.
+        value: this window's value.
+        beta: the smoothing, in [0, 1).
 
     Example:
         >>> ema_update(torch.tensor([0.0]), torch.tensor([2.0]), 0.75).tolist()

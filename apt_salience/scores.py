@@ -59,8 +59,10 @@ def _sites_list(sites: Any, where: str) -> List[Tuple[str, int]]:
 class BlockScores:
     """Scores of every block of one kind, in model order (site after site, blocks in channel order).
 
-    Fields are 1-D float32 CPU tensors of equal length; ``sites`` lists ``(module_name, num_blocks)``.
-    ``density = outlier_aware / param_count``. ``uncertainty`` is the AdaLoRA-style uncertainty
+    Fields are 1-D float32 CPU tensors of equal length: ``salience`` (the EMA of the per-step
+    salience), ``kurtosis`` (the window's), ``outlier_aware`` (the EMA of ``S + sqrt(Kurt)``),
+    ``param_count`` (per block, current shapes), ``density`` (``outlier_aware / param_count``);
+    ``sites`` lists ``(module_name, num_blocks)``. ``uncertainty`` is the AdaLoRA-style uncertainty
     ``U <- b U + (1 - b) |S_hat - S_bar|`` of the outlier-aware score (config ``uncertainty_beta``;
     None when it is off), for the score ``outlier_aware * uncertainty``.
     """

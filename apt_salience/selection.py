@@ -82,7 +82,8 @@ class Selection:
     scores lack that kind). ``params_kept``: ``C`` of the kept blocks; ``budget``: the budget it
     was selected under; ``params_total``: ``C`` of the whole model the scores describe;
     ``layout``: the sites it refers to (used by :func:`apt_salience.masks.apply_masks` and
-    :func:`apt_salience.pruning.prune_model`).
+    :func:`apt_salience.pruning.prune_model`); ``kinds``, ``score``, ``allocation``, ``calibration``:
+    the settings it was selected with.
     """
 
     head: Optional[Tensor]
@@ -203,7 +204,10 @@ class SelectionProblem:
     the index itself is the tie-break order. ``cost`` is each head/neuron block's parameter count
     (0 for hidden dims); ``is_hidden`` marks hidden dims. A strategy returns a bool keep vector
     that keeps every ``forced`` block and no dead (``~alive``) block; :meth:`params` evaluates
-    ``C`` for any keep vector.
+    ``C`` for any keep vector. ``density``: each block's score over its parameter count; ``group``:
+    its (kind, layer) group; ``site``: its site; ``alive``: not pruned before; ``fixed_cost``: the
+    parameters of the head / neuron blocks of kinds not selected; ``fixed_hidden``: ``d_m'`` when hidden
+    dims are not selected; ``d_model``: the hidden size.
     """
 
     density: Tensor  # float64 [N]
@@ -218,12 +222,20 @@ class SelectionProblem:
     d_model: int
 
     def params(self, keep: Tensor) -> float:
-        """``C`` of the model that keeps these blocks."""
+        """``C`` of the model that keeps these blocks.
+
+        Args:
+            keep: bool ``[N]``, the kept blocks.
+        """
         h = float(keep[self.is_hidden].sum()) if bool(self.is_hidden.any()) else self.fixed_hidden
         return h / self.d_model * (self.fixed_cost + float(self.cost[keep].sum()))
 
     def prefix_params(self, order: Tensor) -> Tensor:
-        """``C(i)`` for i = 0..len(order): the model made of the first i blocks of ``order`` (float64 [len+1])."""
+        """``C(i)`` for i = 0..len(order): the model made of the first i blocks of ``order`` (float64 [len+1]).
+
+        Args:
+            order: block indices, in the order they are kept.
+        """
         z = torch.zeros(1, dtype=torch.float64)
         p = torch.cat([z, torch.cumsum(self.cost[order], 0)]) + self.fixed_cost
         if bool(self.is_hidden.any()):
@@ -361,14 +373,24 @@ CALIBRATIONS: Dict[str, CalibrationFn] = {"none": _calibrate_none, "site_mean": 
 
 
 def register_allocation(name: str, fn: AllocationFn) -> None:
-    """Add an allocation strategy usable as ``select_blocks(..., allocation=name)``."""
+    """Add an allocation strategy usable as ``select_blocks(..., allocation=name)``.
+
+    Args:
+        name: the name ``select_blocks`` takes.
+        fn: ``fn(problem, budget) -> bool keep tensor`` (see :class:`SelectionProblem`).
+    """
     if not isinstance(name, str) or not name or not callable(fn):
         raise TypeError("register_allocation(name: str, fn: callable(problem, budget) -> bool keep tensor)")
     ALLOCATIONS[name] = fn
 
 
 def register_calibration(name: str, fn: CalibrationFn) -> None:
-    """Add a calibration usable as ``select_blocks(..., calibration=name)``."""
+    """Add a calibration usable as ``select_blocks(..., calibration=name)``.
+
+    Args:
+        name: the name ``select_blocks`` takes.
+        fn: ``fn(kind, values, sites) -> values`` (per-block scores of one kind, and its sites).
+    """
     if not isinstance(name, str) or not name or not callable(fn):
         raise TypeError("register_calibration(name: str, fn: callable(kind, values, sites) -> values)")
     CALIBRATIONS[name] = fn

@@ -173,7 +173,7 @@ def test_peft_wrapped_sites_mask_base_and_adapter() -> None:
     mods = dict(ref.named_modules())
     with torch.no_grad():
         for kind, block in (("head", HD), ("neuron", 1)):
-            for name, m in sel.site_masks(kind).items():
+            for name, m in sel.by_site(kind).items():
                 cols = m.float().repeat_interleave(block)
                 mods[name].base_layer.weight.mul_(cols[None, :])
                 mods[name].lora_A["default"].weight.mul_(cols[None, :])

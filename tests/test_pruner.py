@@ -247,6 +247,13 @@ def test_load_state_dict_with_other_settings_warns() -> None:
     with pytest.raises(ValueError, match="not an apt_salience pruner state"):
         pruner2.load_state_dict({"version": 99})
     tracker2.detach()
+    # a state saved before a setting existed (pruning.unobserved) holds its default: no warning for it
+    model3, tracker3, pruner3, _ = _setup(keep_ratio=0.5, ramp_steps=4)
+    old = {**state, "config": {k: v for k, v in state["config"].items() if k != "unobserved"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PruningWarning)
+        pruner3.load_state_dict(old)
+    tracker3.detach()
 
 
 # ------------------------------------------------------------------------------------------ hooks

@@ -241,7 +241,7 @@ def test_uniform_honours_min_per_site_and_previous() -> None:
     sel = select_blocks(scores, keep_ratio=0.6, kinds=("head", "neuron"), score=custom, allocation="uniform",
                         min_per_site=1, previous=prev)
     assert not sel.neuron[n0]
-    assert all(m.any() for kind in ("head", "neuron") for m in sel.site_masks(kind).values())
+    assert all(m.any() for kind in ("head", "neuron") for m in sel.by_site(kind).values())
     assert sel.params_kept <= sel.budget
 
 
@@ -251,7 +251,7 @@ def test_site_mean_calibration_equals_custom_calibrated_scores() -> None:
     cal: Dict[str, torch.Tensor] = {}
     for kind in KIND_ORDER:
         b = getattr(scores, kind)
-        parts = [v / v.mean() for v in b.split("outlier_aware").values()]
+        parts = [v / v.mean() for v in b.by_site("outlier_aware").values()]
         cal[kind] = torch.cat(parts)
     a = select_blocks(scores, keep_ratio=0.4, calibration="site_mean")
     b = select_blocks(scores, keep_ratio=0.4, score=cal)
@@ -281,9 +281,9 @@ def test_min_per_site_keeps_the_densest_block_of_every_site() -> None:
         sel = select_blocks(scores, keep_ratio=0.6, kinds=("head", "neuron"), score=custom, min_per_site=1)
     for kind in ("head", "neuron"):
         dens = {n: v / p for (n, v), p in zip(
-            [(n, custom[kind][sl]) for n, sl in sel.layout.slices(kind).items()],
-            getattr(scores, kind).split("param_count").values())}
-        for name, m in sel.site_masks(kind).items():
+            [(n, custom[kind][sl]) for n, sl in sel.layout.by_site(kind).items()],
+            getattr(scores, kind).by_site("param_count").values())}
+        for name, m in sel.by_site(kind).items():
             assert m.any(), name
             assert bool(m[int(torch.argmax(dens[name]))])
     assert sel.params_kept <= sel.budget
@@ -293,7 +293,7 @@ def test_min_per_site_over_budget_warns() -> None:
     scores = random_scores(random.Random(12), n_layers=4, d_model=4)
     with pytest.warns(SelectionWarning, match="min_per_site"):
         sel = select_blocks(scores, budget=1.0, kinds=("head", "neuron"), min_per_site=1)
-    assert all(m.sum() == 1 for m in sel.site_masks("head").values())
+    assert all(m.sum() == 1 for m in sel.by_site("head").values())
 
 
 def test_previously_pruned_blocks_stay_pruned() -> None:

@@ -55,7 +55,14 @@ class SalienceTracker:
     Create it with :func:`attach` (or ``SalienceTracker.attach``); call :meth:`step` once per
     optimizer step; read :meth:`scores` when ``step()`` returns True; :meth:`remove` at the end
     (``detach`` is the same; or use it as a context manager). Works the same under
-    ``torch.compile`` (no graph break).
+    ``torch.compile`` (no graph break). A reading (:class:`~apt_salience.SalienceScores`) carries
+    everything its readers need: scores, uncertainty, the block layout, the config, the unobserved sites.
+
+    Args:
+        model: the model to observe (hooks go on its site modules and on the model itself, which is
+            otherwise unchanged; :meth:`remove` takes them off).
+        config: None, a YAML path, a dict or a :class:`~apt_salience.SalienceConfig`.
+        scaler: the ``torch.amp.GradScaler`` of an fp16 run (see :func:`attach`).
 
     Example:
         >>> import torch, apt_salience
@@ -96,7 +103,13 @@ class SalienceTracker:
 
     @classmethod
     def attach(cls, model: nn.Module, config: ConfigLike = None, *, scaler: Any = None) -> "SalienceTracker":
-        """Validate, find the sites and register the hooks (same as :func:`apt_salience.attach`)."""
+        """Validate, find the sites and register the hooks (same as :func:`apt_salience.attach`).
+
+        Args:
+            model: the model to observe (hooks go on its site modules and on the model itself).
+            config: None, a YAML path, a dict or a :class:`~apt_salience.SalienceConfig`.
+            scaler: the ``torch.amp.GradScaler`` of an fp16 run (see :func:`attach`).
+        """
         return cls(model, config, scaler=scaler)
 
     def _build(self, sites: List[Site]) -> None:
@@ -407,7 +420,11 @@ class SalienceTracker:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`. The whole state is checked first: a missing, malformed or
-        incompatible part raises ``TrackerStateError`` naming it, and the tracker is left unchanged."""
+        incompatible part raises ``TrackerStateError`` naming it, and the tracker is left unchanged.
+
+        Args:
+            state: what :meth:`state_dict` returned (e.g. through ``torch.save`` / ``torch.load``).
+        """
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
             got = state.get("version") if isinstance(state, dict) else type(state).__name__
             raise TrackerStateError(f"not an apt_salience tracker state (version {got!r}; this library reads "
@@ -465,6 +482,9 @@ class SalienceTracker:
 
 def attach(model: nn.Module, config: ConfigLike = None, *, scaler: Any = None) -> SalienceTracker:
     """Attach a :class:`SalienceTracker` to ``model`` (config: None, a YAML path, a dict or a SalienceConfig).
+
+    Modifies the model in place only by registering hooks on it (its outputs are unchanged);
+    ``tracker.remove()`` takes every one of them off.
 
     Args:
         model: the model to observe (hooks are added to its site modules and to the model itself).

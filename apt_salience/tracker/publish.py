@@ -30,7 +30,14 @@ __all__ = ["block_kurtosis", "publish_reading"]
 
 def block_kurtosis(acc: Accumulator, pairs: Sequence[Tuple[Probe, Optional[Probe]]], config: SalienceConfig,
                    d_model: int) -> Tuple[Dict[str, Tensor], Optional[Tensor], Optional[Tensor]]:
-    """Per-kind block kurtosis of the window, and for hidden: (sum over sites of sqrt K, mean over sites of K)."""
+    """Per-kind block kurtosis of the window, and for hidden: (sum over sites of sqrt K, mean over sites of K).
+
+    Args:
+        acc: the tracker's accumulator.
+        pairs: the (input, output) probes of every site.
+        config: the tracker's config (its ``kurtosis`` section).
+        d_model: the hidden size (0: no hidden kind).
+    """
     cfg = config.kurtosis
     home = acc.home
     per_kind: Dict[str, List[Tensor]] = {k: [] for k in ("head", "neuron", "adapter")}
@@ -70,6 +77,16 @@ def publish_reading(acc: Accumulator, layout: BlockLayout, pairs: Sequence[Tuple
 
     ``layout`` is the tracker's :meth:`~apt_salience.layout.BlockLayout.from_sites` layout: the
     sites of each kind and their per-block parameter counts.
+
+    Args:
+        acc: the tracker's accumulator (its EMA is updated).
+        layout: the layout of the tracked sites.
+        pairs: the (input, output) probes of every site.
+        config: the tracker's config.
+        n_steps: optimizer steps that observed something in the window.
+        step: optimizer steps seen.
+        fingerprint: the tracker's layout fingerprint.
+        unobserved_sites: sites whose tensors never required grad.
     """
     beta = config.ema_beta
     kinds_k: Dict[str, Tensor] = {}
