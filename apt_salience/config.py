@@ -81,7 +81,7 @@ class SitesConfig:
     Attributes:
         heads: attention output projections (None: the preset's).
         neurons: FFN down projections (None: the preset's).
-        adapters: LoRA B layers (None: the preset's, ``.*\.lora_B\.[^.]+``).
+        adapters: LoRA B layers (None: the preset's, the LoRA B layers).
         head_dim: channels per head (None: from the model config).
     """
 

@@ -86,9 +86,7 @@ class SiteReconstruction:
 
     ``error_before``: mean over tokens of ``||y* - y||^2`` with the original kept weights (plain
     pruning) on the pruned model's input; ``error_after``: the same with the re-fitted weights;
-    ``target_energy``: mean ``||y*||^2`` (so ``error / target_energy`` is a relative error);
-    ``name``, ``kind``: the site; ``channels`` / ``kept_channels``: its input channels before / after;
-    ``tokens``: the calibration tokens it was fitted on.
+    ``target_energy``: mean ``||y*||^2`` (so ``error / target_energy`` is a relative error).
     """
 
     name: str
@@ -115,8 +113,7 @@ class ReconstructReport:
 
     ``sites`` in the order they were re-fitted (the order the model calls them); ``passes``: the
     (partial) forward passes run over the calibration batches; ``seconds``: wall time of the whole
-    call, pruning included; ``method``, ``target``, ``damping``, ``batches``: the arguments it ran with;
-    ``prune``: the :class:`~apt_salience.pruning.PruneReport` of the final physical pruning.
+    call, pruning included.
     """
 
     method: str
@@ -172,7 +169,7 @@ def _plan(model: nn.Module, selection: Selection) -> List[_Site]:
     layout = selection.layout
     out: List[_Site] = []
     for kind in ("head", "neuron"):
-        for name, keep in selection.by_site(kind).items():
+        for name, keep in selection.site_masks(kind).items():
             real, mod = resolve_module(modules, name)
             if hasattr(mod, "base_layer"):
                 raise ValueError(

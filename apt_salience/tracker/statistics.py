@@ -38,8 +38,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..salience import compressed_salience  # the pure function of APT Eq. 5
 from ..moments import abs_sum_rows, power_sums, prod_sum_rows
-from ..salience import compressed_salience
 
 __all__ = ["Recipe", "RECIPES", "forward_part", "backward_part"]
 
