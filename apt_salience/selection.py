@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from .layout import PRUNABLE_KINDS, BlockLayout, PrunableKind
+from .salience import normalize_scores
 from .scores import BlockScores, SalienceScores, read_json, write_json
 
 __all__ = [
@@ -569,7 +570,7 @@ def select_blocks(
                 fixed_cost += float(pc[a].sum())
             continue
         v = calib(kind, _score_values(scores, kind, score, n), layout.sites[kind]).to(torch.float64)
-        dens.append(v / pc)
+        dens.append(normalize_scores(v, pc))
         cost.append(pc if kind != "hidden" else torch.zeros(n, dtype=torch.float64))
         hid.append(torch.full((n,), kind == "hidden"))
         alive.append(a)
