@@ -24,12 +24,15 @@ from .salience import (
     hidden_param_count,
     neuron_param_count,
     normalize_scores,
+    compressed_salience,
+    kurtosis_of_moments,
 )
 from .masks import MaskHandle, apply_masks
 from .pruning import PruneReport, load_pruned, prune_model, save_pruned
 from .reconstruct import ReconstructReport, reconstruct
+from .layout import BlockKind, BlockLayout
 from .scores import BlockScores, SalienceScores
-from .selection import BlockLayout, Selection, select_blocks
+from .selection import Selection, SelectionWarning, select_blocks
 from .pruner import RECOMMENDED_CONFIG, AdaptivePruner, PruningWarning, cubic_keep_ratio, update_masks
 from .tracker import SalienceTracker, SalienceWarning, TrackerStateError, attach
 from .tuning import AdaptiveTuner, adapter_importance, grow_lora_rank, plan_rank_growth
@@ -60,12 +63,16 @@ __all__ = [
     "compute_activation_gradient_product",
     "compute_kurtosis",
     "normalize_scores",
+    "compressed_salience",
+    "kurtosis_of_moments",
     "head_param_count",
     "neuron_param_count",
     "hidden_param_count",
     "select_blocks",
     "Selection",
     "BlockLayout",
+    "BlockKind",
+    "SelectionWarning",
     "cubic_keep_ratio",
     "update_masks",
     "apply_masks",

@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .config import PRESET_NAMES, ConfigError, SalienceConfig
+from .layout import BlockLayout, SiteKind, layer_of
 from .salience import head_param_count, neuron_param_count
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .selection import BlockLayout
 
 __all__ = ["ArchitectureSpec", "HiddenSpec", "ARCHITECTURES", "Site", "find_sites", "linear_dims", "linear_weight",
            "detect_architecture", "resolve_module", "block_size_of", "layout_sites", "attention_projections",
@@ -72,6 +70,7 @@ class ArchitectureSpec:
     Names of projections are relative to a *root*: the site's name with its last
     ``attention_up`` (head sites) or ``ffn_up`` (neuron sites) components removed.
 
+    * ``name``: the preset's name; ``model_types``: the ``config.model_type`` values it is detected from.
     * ``heads`` / ``neurons`` / ``adapters``: site regexes (``re.fullmatch`` on module names).
     * ``q`` / ``k`` / ``v``: the query / key / value projections, or ``qkv``: one fused projection
       whose outputs are ``[q | k | v]`` (GPT-2's ``c_attn``).
@@ -197,7 +196,11 @@ def _base(module: nn.Module) -> nn.Module:
 
 
 def linear_dims(module: nn.Module) -> Optional[Tuple[int, int]]:
-    """``(in_features, out_features)`` of a Linear-like module, or None."""
+    """``(in_features, out_features)`` of a Linear-like module, or None.
+
+    Args:
+        module: an ``nn.Linear``, a transformers ``Conv1D`` or a PEFT LoRA wrapper of one.
+    """
     m = _base(module)
     if isinstance(m, nn.Linear):
         return int(m.in_features), int(m.out_features)
@@ -208,7 +211,11 @@ def linear_dims(module: nn.Module) -> Optional[Tuple[int, int]]:
 
 
 def linear_weight(module: nn.Module) -> Tensor:
-    """The weight as ``[out, in]`` (a view; Conv1D's ``[in, out]`` is transposed)."""
+    """The weight as ``[out, in]`` (a view; Conv1D's ``[in, out]`` is transposed).
+
+    Args:
+        module: an ``nn.Linear``, a transformers ``Conv1D`` or a PEFT LoRA wrapper of one.
+    """
     m = _base(module)
     w = getattr(m, "weight", None)
     if not isinstance(w, Tensor):
@@ -229,6 +236,11 @@ def _module_device(module: nn.Module) -> torch.device:
 def relative_name(site: str, up: int, rel: str = "") -> str:
     """The name ``rel`` relative to ``site`` with its last ``up`` components removed.
 
+    Args:
+        site: a site's module name.
+        up: how many trailing components to remove.
+        rel: the name to append (empty: the root itself).
+
     Example:
         >>> relative_name("encoder.layer.0.attention.output.dense", 2, "self.query")
         'encoder.layer.0.attention.self.query'
@@ -242,6 +254,10 @@ def resolve_module(modules: Mapping[str, nn.Module], name: str) -> Tuple[str, nn
     """Find the module called ``name``; tolerate a wrapper prefix added or removed (PEFT's ``base_model.model.``).
 
     Raises ``ValueError`` when no module, or more than one, fits.
+
+    Args:
+        modules: ``dict(model.named_modules())``.
+        name: the module name a layout or selection gives.
     """
     if name in modules:
         return name, modules[name]
@@ -256,8 +272,15 @@ def resolve_module(modules: Mapping[str, nn.Module], name: str) -> Tuple[str, nn
     raise ValueError(f"module name '{name}' is ambiguous in this model (candidates: {cands[:4]})")
 
 
-def block_size_of(layout: "BlockLayout", name: str, dims: Optional[Tuple[int, int]], count: int) -> int:
-    """The site's block size from the layout, or (scores without it) from the module's input width."""
+def block_size_of(layout: BlockLayout, name: str, dims: Optional[Tuple[int, int]], count: int) -> int:
+    """The site's block size from the layout, or (scores without it) from the module's input width.
+
+    Args:
+        layout: the layout that names the site.
+        name: the site's name in the layout.
+        dims: the module's ``(in, out)`` (:func:`linear_dims`), or None.
+        count: the site's number of blocks in the layout.
+    """
     bs = layout.block_size.get(name)
     if bs:
         return int(bs)
@@ -266,12 +289,18 @@ def block_size_of(layout: "BlockLayout", name: str, dims: Optional[Tuple[int, in
     return 1
 
 
-def layout_sites(modules: Mapping[str, nn.Module], layout: "BlockLayout", what: str = "masks",
+def layout_sites(modules: Mapping[str, nn.Module], layout: BlockLayout, what: str = "masks",
                  kinds: Tuple[str, ...] = ("head", "neuron")) -> List[Tuple[str, str, str, nn.Module, int, int]]:
     """The head / neuron sites a layout names, found in ``modules``: ``(kind, name, real name, module, blocks, block size)``.
 
     Raises ``ValueError`` naming the site when a module is missing or its shape does not fit the
     layout (a layout from another model, or a model pruned since).
+
+    Args:
+        modules: ``dict(model.named_modules())``.
+        layout: the layout whose sites are looked up.
+        what: how errors name the layout's owner (``masks``, ``selection``).
+        kinds: the kinds whose sites are returned.
     """
     out: List[Tuple[str, str, str, nn.Module, int, int]] = []
     for kind in kinds:
@@ -298,6 +327,11 @@ def attention_projections(spec: ArchitectureSpec, modules: Mapping[str, nn.Modul
     """``{"q", "k", "v"}`` (or ``{"qkv"}`` for a fused projection) -> ``(name, module)`` of a head site.
 
     Raises ``ValueError`` naming the missing module.
+
+    Args:
+        spec: the architecture row.
+        modules: ``dict(model.named_modules())``.
+        site: the head site's name.
     """
     roles = {"qkv": spec.qkv} if spec.qkv else {"q": spec.q, "k": spec.k, "v": spec.v}
     out: Dict[str, Tuple[str, nn.Module]] = {}
@@ -316,6 +350,11 @@ def ffn_input_projections(spec: ArchitectureSpec, modules: Mapping[str, nn.Modul
     """The FFN input projections (up, and gate when gated) of a neuron site, as ``(name, module)``.
 
     Raises ``ValueError`` when no alternative of ``spec.ffn_inputs`` is complete.
+
+    Args:
+        spec: the architecture row.
+        modules: ``dict(model.named_modules())``.
+        site: the neuron site's name.
     """
     for alt in spec.ffn_inputs:
         names = [relative_name(site, spec.ffn_up, rel) for rel in alt]
@@ -330,10 +369,22 @@ def ffn_input_projections(spec: ArchitectureSpec, modules: Mapping[str, nn.Modul
 
 @dataclass
 class Site:
-    """One hooked module and what its blocks are."""
+    """One hooked module and what its blocks are.
+
+    Attributes:
+        name: the module's name in ``model.named_modules()``.
+        kind: ``head``, ``neuron`` or ``adapter``.
+        module: the module (a PEFT LoRA wrapper for a wrapped site).
+        in_features: its input width (the blocks' channels).
+        out_features: its output width (``d_model`` for head and neuron sites).
+        block_size: channels per block: ``d_head`` for heads, 1 otherwise.
+        layer: the layer it belongs to (:func:`~apt_salience.layout.layer_of`).
+        block_param_count: parameters of one block, from the current shapes.
+        device: where its parameters are.
+    """
 
     name: str
-    kind: str  # head | neuron | adapter
+    kind: SiteKind
     module: nn.Module
     in_features: int
     out_features: int
@@ -360,7 +411,11 @@ def _model_config(model: nn.Module) -> Any:
 
 
 def detect_architecture(model: nn.Module) -> Optional[str]:
-    """The preset whose ``model_types`` contains ``model.config.model_type``, or None."""
+    """The preset whose ``model_types`` contains ``model.config.model_type``, or None.
+
+    Args:
+        model: a Hugging Face model (or a wrapper of one); anything else gives None.
+    """
     cfg = _model_config(model)
     mt = getattr(cfg, "model_type", None)
     for name, spec in ARCHITECTURES.items():
@@ -381,14 +436,6 @@ def _config_head_dim(cfg: Any) -> Optional[int]:
     if isinstance(heads, int) and isinstance(hidden, int) and hidden % heads == 0:
         return hidden // heads
     return None
-
-
-def _layer_of(name: str) -> str:
-    parts = name.split(".")
-    for i, p in enumerate(parts):
-        if p.isdigit():
-            return ".".join(parts[: i + 1])
-    return name.rsplit(".", 1)[0] if "." in name else name
 
 
 def _linear_listing(model: nn.Module, limit: int = 12) -> str:
@@ -419,6 +466,10 @@ def find_sites(model: nn.Module, config: SalienceConfig) -> Tuple[List[Site], st
     """Resolve the architecture and return ``(sites in model order, architecture name)``.
 
     Raises :class:`~apt_salience.config.ConfigError` with the fix when nothing usable is found.
+
+    Args:
+        model: the model whose sites are found (its current shapes are read; nothing is changed).
+        config: the validated config; ``architecture`` and ``sites`` are used.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -441,7 +492,9 @@ def find_sites(model: nn.Module, config: SalienceConfig) -> Tuple[List[Site], st
     cfg = _model_config(model)
     head_dim = config.sites.head_dim or _config_head_dim(cfg)
 
-    compiled = {k: re.compile(r) for k, r in (("head", heads_re), ("neuron", neurons_re), ("adapter", adapters_re)) if r}
+    patterns: Tuple[Tuple[SiteKind, Optional[str]], ...] = (("head", heads_re), ("neuron", neurons_re),
+                                                             ("adapter", adapters_re))
+    compiled = {k: re.compile(r) for k, r in patterns if r}
     modules = dict(model.named_modules())
     sites: List[Site] = []
     for name, module in model.named_modules():
@@ -514,7 +567,7 @@ def find_sites(model: nn.Module, config: SalienceConfig) -> Tuple[List[Site], st
             a_dims = linear_dims(modules[a_name]) if a_name in modules else None
             count = float((a_dims[0] if a_dims else d_out) + d_out)
             block = 1
-        sites.append(Site(name, kind, module, d_in, d_out, block, _layer_of(name), count, _module_device(module)))
+        sites.append(Site(name, kind, module, d_in, d_out, block, layer_of(name), count, _module_device(module)))
 
     if not any(s.kind in ("head", "neuron") for s in sites) and not any(s.kind == "adapter" for s in sites):
         raise ConfigError(

@@ -48,7 +48,14 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class KurtosisConfig:
-    """The outlier (kurtosis) term of the outlier-aware salience."""
+    """The outlier (kurtosis) term of the outlier-aware salience (``kurtosis:`` in ``config.yaml``).
+
+    Attributes:
+        enabled: add ``sqrt(Kurt)`` to the salience.
+        source: ``activation`` (the site's input over tokens) or ``output`` (``W[o, c] * mean(X_c)``).
+        excess: subtract 3 and clamp at 0.
+        combine: ``add`` (the paper) or ``scaled`` (scale-free within each site).
+    """
 
     enabled: bool = True
     source: str = "activation"  # activation | output
@@ -58,14 +65,25 @@ class KurtosisConfig:
 
 @dataclass(frozen=True)
 class SalienceModeConfig:
-    """Which per-step salience is accumulated."""
+    """Which per-step salience is accumulated (``salience:``).
+
+    Attributes:
+        mode: ``compressed`` (APT), ``taylor`` or ``fisher``.
+    """
 
     mode: str = "compressed"  # compressed | taylor | fisher
 
 
 @dataclass(frozen=True)
 class SitesConfig:
-    """Regular expressions (``re.fullmatch`` on module names) selecting the hooked sites."""
+    """Regular expressions (``re.fullmatch`` on module names) selecting the hooked sites (``sites:``).
+
+    Attributes:
+        heads: attention output projections (None: the preset's).
+        neurons: FFN down projections (None: the preset's).
+        adapters: LoRA B layers (None: the preset's, the LoRA B layers).
+        head_dim: channels per head (None: from the model config).
+    """
 
     heads: Optional[str] = None
     neurons: Optional[str] = None
@@ -80,6 +98,18 @@ class PruningConfig:
     ``ramp_steps`` None means: the :class:`~apt_salience.integrations.huggingface.AdaptivePruningCallback`
     and ``apt-salience prune`` derive it from the length of training
     (:func:`apt_salience.pruner.auto_ramp_steps`); :class:`~apt_salience.AdaptivePruner` needs a number.
+
+    Attributes:
+        keep_ratio: the final kept share of the pruned kinds' parameters.
+        start_step: the pruner step at which the schedule starts.
+        ramp_steps: ``T`` of the cubic schedule.
+        alpha: the mask step per reading.
+        kinds: the kinds pruned.
+        score: the ranked field (``outlier_aware`` or ``salience``).
+        allocation: the ``select_blocks`` allocation.
+        calibration: the ``select_blocks`` calibration.
+        min_per_site: blocks of every site always kept.
+        unobserved: ``keep`` or ``prune`` the blocks of sites the tracker never observed.
     """
 
     keep_ratio: float = 0.5
@@ -91,6 +121,7 @@ class PruningConfig:
     allocation: str = "global"
     calibration: str = "none"
     min_per_site: int = 1
+    unobserved: str = "keep"  # keep | prune: the blocks of sites the tracker never observed (frozen layers below)
 
 
 @dataclass(frozen=True)
@@ -98,6 +129,18 @@ class SalienceConfig:
     """The validated configuration of a :class:`~apt_salience.SalienceTracker`.
 
     Build it with :func:`load_config`; fields mirror the keys of ``config.yaml``.
+
+    Attributes:
+        update_frequency: optimizer steps per reading.
+        ema_beta: the EMA's ``beta``.
+        uncertainty_beta: the AdaLoRA uncertainty's ``beta`` (None: off).
+        sample_every: observe every k-th optimizer step.
+        sync: ``auto`` (merge across torch.distributed ranks) or ``off``.
+        architecture: ``auto``, a preset name or ``custom``.
+        salience: :class:`SalienceModeConfig`.
+        kurtosis: :class:`KurtosisConfig`.
+        sites: :class:`SitesConfig`.
+        pruning: :class:`PruningConfig`.
     """
 
     update_frequency: int = 1
@@ -131,6 +174,7 @@ _CHOICES: Dict[str, tuple] = {
     "kurtosis.source": ("activation", "output"),
     "kurtosis.combine": ("add", "scaled"),
     "pruning.score": ("outlier_aware", "salience"),
+    "pruning.unobserved": ("keep", "prune"),
 }
 
 #: Block kinds the pruner may prune (``pruning.kinds``).
@@ -275,8 +319,8 @@ def _pruning_value(key: str, value: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be a non-empty list of distinct kinds from {', '.join(PRUNABLE)}, "
                               f"got {value!r}")
         return tuple(k for k in PRUNABLE if k in items)  # canonical order
-    if key == "score":
-        return _one_of(where, value, _CHOICES["pruning.score"])
+    if key in ("score", "unobserved"):
+        return _one_of(where, value, _CHOICES[f"pruning.{key}"])
     return _one_of(where, value, _registry(key))  # allocation, calibration
 
 
@@ -306,7 +350,7 @@ def pruning_config(base: Optional[PruningConfig] = None, **overrides: Any) -> Pr
     Args:
         base: the section to start from (e.g. ``load_config(path).pruning``).
         **overrides: ``keep_ratio``, ``start_step``, ``ramp_steps``, ``alpha``, ``kinds``, ``score``,
-            ``allocation``, ``calibration``, ``min_per_site``.
+            ``allocation``, ``calibration``, ``min_per_site``, ``unobserved``.
 
     Example:
         >>> pruning_config(keep_ratio=0.4, ramp_steps=None).keep_ratio
@@ -358,6 +402,10 @@ ConfigLike = Union[None, str, "os.PathLike[str]", Mapping[str, Any], SalienceCon
 
 def load_config(config: ConfigLike = None) -> SalienceConfig:
     """Return a validated :class:`SalienceConfig` from ``None`` (defaults), a YAML path, a dict or a config.
+
+    Args:
+        config: None (the defaults), a path to a YAML file, a dict with the keys of ``config.yaml``, or a
+            :class:`SalienceConfig` (validated again).
 
     Example:
         >>> load_config(None).kurtosis.source

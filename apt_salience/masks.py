@@ -19,7 +19,7 @@ Example:
     >>> import torch
     >>> from torch import nn
     >>> from apt_salience.masks import apply_masks
-    >>> from apt_salience.selection import BlockLayout
+    >>> from apt_salience.layout import BlockLayout
     >>> model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 4))
     >>> layout = BlockLayout.from_model(model, {"architecture": "custom", "sites": {"neurons": "2"}})
     >>> x = torch.randn(2, 4)
@@ -37,7 +37,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .architectures import block_size_of, layout_sites, resolve_module
-from .selection import BlockLayout, Selection
+from .layout import BlockLayout
+from .selection import Selection
 
 __all__ = ["MaskHandle", "apply_masks", "resolve_module", "block_size_of"]
 
@@ -55,6 +56,12 @@ class MaskHandle:
     """The hooks of one :func:`apply_masks` call: :meth:`update` the masks in place, :meth:`remove` them.
 
     ``remove()`` is idempotent; the handle is also a context manager.
+
+    Args:
+        model: the model the hooks go on (modified in place through hooks until :meth:`remove`).
+        layout: the layout the masks follow.
+        masks: ``{kind: 1-D float mask}`` already checked against ``layout``
+            (:func:`apply_masks` builds the handle; call that).
     """
 
     def __init__(self, model: nn.Module, layout: BlockLayout, masks: Dict[str, Tensor]):
@@ -126,7 +133,11 @@ class MaskHandle:
         return bool(self._handles)
 
     def update(self, masks: MasksArg) -> None:
-        """Replace the mask values (a :class:`Selection` with the same layout, or ``{kind: 1-D tensor}``)."""
+        """Replace the mask values (a :class:`Selection` with the same layout, or ``{kind: 1-D tensor}``).
+
+        Args:
+            masks: a :class:`Selection` with this handle's layout, or ``{kind: 1-D tensor}`` of the masked kinds.
+        """
         if isinstance(masks, Selection):
             if masks.layout.sites != self.layout.sites:
                 raise ValueError("the selection's block layout differs from the one these masks were applied with")
@@ -143,7 +154,7 @@ class MaskHandle:
                 if kind not in checked or kind not in self.kinds:
                     continue
                 m = checked[kind]
-                for name, sl in self.layout.slices(kind).items():
+                for name, sl in self.layout.by_site(kind).items():
                     _, _, ch = self._channel[name]
                     bs = ch.numel() // (sl.stop - sl.start)
                     ch.copy_(m[sl].repeat_interleave(bs).to(ch.device))
@@ -192,13 +203,14 @@ def apply_masks(model: nn.Module, masks: MasksArg, *, layout: Optional[BlockLayo
         layout: the :class:`~apt_salience.selection.BlockLayout` of a dict of masks (a Selection's layout by default).
 
     Kinds absent from ``masks`` are not hooked (hidden only when given). Returns a
-    :class:`MaskHandle`; ``handle.remove()`` restores the model exactly.
+    :class:`MaskHandle`; ``handle.remove()`` restores the model exactly. Modifies the model in place
+    through forward hooks (its weights are not touched) until the handle is removed.
 
     Example:
         >>> import torch
         >>> from transformers import BertConfig, BertModel
         >>> from apt_salience.masks import apply_masks
-        >>> from apt_salience.selection import BlockLayout
+        >>> from apt_salience.layout import BlockLayout
         >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         ...                              intermediate_size=64, vocab_size=100)).eval()
         >>> layout = BlockLayout.from_model(model)

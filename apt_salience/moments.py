@@ -51,6 +51,11 @@ def batch_moments(x: Tensor, order: int = 4, out_dtype: torch.dtype = torch.floa
     The reduction runs in float32 (float64 for float64 input) over ``x - mean_f32``;
     the small residual mean is corrected exactly in ``out_dtype``. Rows are processed in
     cache-sized chunks, so the temporaries stay O(chunk x C) whatever N is.
+
+    Args:
+        x: ``[N, C]`` samples (rows) of C channels.
+        order: 4 (all moments) or 1 (count and mean).
+        out_dtype: the dtype of the returned moments.
     """
     if x.dim() != 2:
         raise ValueError(f"batch_moments expects a 2-D [tokens, channels] tensor, got shape {tuple(x.shape)}")
@@ -316,7 +321,13 @@ def power_sums_first_centre(x: Tensor, centre: Tensor, centre_set: Tensor, order
 
 
 def abs_sum_rows(g: Tensor, *, index: Optional[Tensor] = None, keep: Optional[Tensor] = None) -> Tensor:
-    """``sum |g|`` per column (float32) of the rows selected like :func:`power_sums`."""
+    """``sum |g|`` per column (float32) of the rows selected like :func:`power_sums`.
+
+    Args:
+        g: ``[N, C]`` rows.
+        index: the rows to sum (None: ``keep`` or all).
+        keep: a boolean row mask (None: all rows).
+    """
     if _use_chunks(g):
         if keep is not None and index is None:
             index = keep.nonzero().squeeze(1)
@@ -329,7 +340,14 @@ def abs_sum_rows(g: Tensor, *, index: Optional[Tensor] = None, keep: Optional[Te
 
 
 def prod_sum_rows(x: Tensor, g: Tensor, *, index: Optional[Tensor] = None, keep: Optional[Tensor] = None) -> Tensor:
-    """``sum x * g`` per column (float32) of the rows selected like :func:`power_sums`."""
+    """``sum x * g`` per column (float32) of the rows selected like :func:`power_sums`.
+
+    Args:
+        x: ``[N, C]`` rows.
+        g: ``[N, C]`` rows, multiplied element-wise with ``x``.
+        index: the rows to sum (None: ``keep`` or all).
+        keep: a boolean row mask (None: all rows).
+    """
     if _use_chunks(g):
         if keep is not None and index is None:
             index = keep.nonzero().squeeze(1)
@@ -347,6 +365,10 @@ def central_from_power_sums(p: Tensor, centre: Tensor) -> Moments:
     """Central moments (per column) from the power sums about ``centre`` of :func:`power_sums`.
 
     ``p`` is float64 ``[2, C]`` (n, S1) or ``[5, C]`` (n, S1..S4); columns with ``n = 0`` give zeros.
+
+    Args:
+        p: the count and power sums.
+        centre: the per-column centre they were taken about.
     """
     n = p[0]
     safe = torch.where(n > 0, n, torch.ones_like(n))
@@ -364,7 +386,12 @@ def central_from_power_sums(p: Tensor, centre: Tensor) -> Moments:
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
-    """Exact merge of two summaries of disjoint samples (Chan et al. / Pebay 2008)."""
+    """Exact merge of two summaries of disjoint samples (Chan et al. / Pebay 2008).
+
+    Args:
+        a: moments of one sample set.
+        b: moments of a disjoint one (same shape).
+    """
     n = a.n + b.n
     safe = torch.where(n > 0, n, torch.ones_like(n))
     na, nb = a.n, b.n
@@ -385,7 +412,12 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
 
 
 def pool_moments(m: Moments, group_size: int) -> Moments:
-    """Pool contiguous groups of ``group_size`` channels (same count each) into one distribution each."""
+    """Pool contiguous groups of ``group_size`` channels (same count each) into one distribution each.
+
+    Args:
+        m: per-channel moments.
+        group_size: channels per group (dividing C).
+    """
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
     if group_size == 1:
@@ -421,6 +453,11 @@ def kurtosis_from_moments(m: Moments, excess: bool = False, rel_tol: Optional[fl
     float64 moments (a constant float32 channel leaves a rounding residue near
     ``var ~ 1e-20 mean^2``, while any float32 data with two distinct values in a fair
     share of its samples has ``std / |mean| > 1e-8``) and 1e-6 for float32 moments.
+
+    Args:
+        m: per-channel moments.
+        excess: subtract 3 and clamp at 0.
+        rel_tol: the relative variance below which a channel counts as constant (default by dtype).
     """
     if rel_tol is None:
         rel_tol = 1e-8 if m.m2.dtype == torch.float64 else 1e-6
@@ -444,6 +481,11 @@ class StreamingMoments:
     ``pooled(g)`` pools contiguous groups of ``g`` channels (e.g. the d_head channels
     of an attention head); ``kurtosis()`` reads the Pearson kurtosis.
 
+    Args:
+        num_channels: C, the number of channels.
+        device: where the moments live (default CPU).
+        dtype: their dtype (float64 by default).
+
     Example:
         >>> a, b = StreamingMoments(2), StreamingMoments(2)
         >>> a.update(torch.tensor([[1., 2.], [3., 4.]])); b.update(torch.tensor([[5., 6.]]))
@@ -457,28 +499,42 @@ class StreamingMoments:
 
     @classmethod
     def from_moments(cls, m: Moments) -> "StreamingMoments":
+        """An accumulator holding ``m``.
+
+        Args:
+            m: the moments to start from.
+        """
         out = cls.__new__(cls)
         out._m = m
         return out
 
     @property
     def moments(self) -> Moments:
+        """The accumulated ``(n, mean, M2, M3, M4)``."""
         return self._m
 
     @property
     def count(self) -> float:
+        """Samples folded in so far."""
         return float(self._m.n)
 
     @property
     def mean(self) -> Tensor:
+        """The per-channel mean."""
         return self._m.mean
 
     @property
     def num_channels(self) -> int:
+        """C, the number of channels."""
         return int(self._m.mean.shape[-1])
 
     def update(self, x: Tensor, channel_dim: int = -1) -> None:
-        """Fold a batch in; every position other than ``channel_dim`` is one sample."""
+        """Fold a batch in; every position other than ``channel_dim`` is one sample.
+
+        Args:
+            x: a batch of samples.
+            channel_dim: its channel axis.
+        """
         if not isinstance(x, Tensor):
             raise TypeError(f"StreamingMoments.update needs a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0:
@@ -495,26 +551,46 @@ class StreamingMoments:
         self._m = merge_moments(self._m, b)
 
     def merge(self, other: "StreamingMoments") -> None:
-        """Fold in another accumulator (disjoint samples, same channels)."""
+        """Fold in another accumulator (disjoint samples, same channels).
+
+        Args:
+            other: the other accumulator.
+        """
         if other.num_channels != self.num_channels:
             raise ValueError(f"cannot merge {other.num_channels} channels into {self.num_channels}")
         o = Moments(*(t.to(self._m.mean.device, self._m.mean.dtype) for t in other._m))
         self._m = merge_moments(self._m, o)
 
     def pooled(self, group_size: int) -> "StreamingMoments":
-        """A new accumulator whose channels are contiguous groups of ``group_size`` channels."""
+        """A new accumulator whose channels are contiguous groups of ``group_size`` channels.
+
+        Args:
+            group_size: channels per group (dividing C).
+        """
         return StreamingMoments.from_moments(pool_moments(self._m, group_size))
 
     def kurtosis(self, excess: bool = False) -> Tensor:
+        """Per-channel Pearson kurtosis (:func:`kurtosis_from_moments`).
+
+        Args:
+            excess: subtract 3 and clamp at 0.
+        """
         return kurtosis_from_moments(self._m, excess=excess)
 
     def reset(self) -> None:
+        """Forget every sample."""
         self._m = Moments(*(torch.zeros_like(t) for t in self._m))
 
     def state_dict(self) -> Dict[str, Tensor]:
+        """The moments as ``{n, mean, m2, m3, m4}`` (copies)."""
         return {k: v.clone() for k, v in self._m._asdict().items()}
 
     def load_state_dict(self, state: Dict[str, Tensor]) -> None:
+        """Restore :meth:`state_dict`; a missing or misshapen entry is an error naming it.
+
+        Args:
+            state: what :meth:`state_dict` returned.
+        """
         missing = set(Moments._fields) - set(state)
         if missing:
             raise KeyError(f"moment state lacks {sorted(missing)}")

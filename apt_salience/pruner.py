@@ -209,7 +209,8 @@ class AdaptivePruner:
     not used yet and the schedule has started, it selects the blocks to keep at the scheduled share
     and moves its masks by ``alpha`` towards that selection (the model is masked through hooks the
     pruner owns). :meth:`finalize` removes the pruned blocks physically and returns the
-    :class:`~apt_salience.pruning.PruneReport`.
+    :class:`~apt_salience.pruning.PruneReport`. Modifies the model in place: through mask hooks while
+    it steps (:meth:`remove` takes them off), physically in :meth:`finalize`.
 
     Args:
         model: the model the tracker is attached to (a PEFT LoRA model too).
@@ -222,6 +223,10 @@ class AdaptivePruner:
         kinds: the kinds pruned (``head``, ``neuron``, ``hidden``); the others are kept whole.
         score: the ranked :class:`~apt_salience.scores.BlockScores` field (``outlier_aware`` or ``salience``).
         allocation, calibration, min_per_site: passed to :func:`~apt_salience.selection.select_blocks`.
+        unobserved: ``"keep"`` (default) or ``"prune"``: the blocks of the sites the tracker never observed
+            (their inputs did not require grad: frozen layers below them, ``reading.unobserved_sites``),
+            passed to :func:`~apt_salience.selection.select_blocks`. Kept by default (with a
+            :class:`~apt_salience.selection.SelectionWarning` naming them): their zero salience was not measured.
         config: where the defaults of the arguments left None come from: a config (None, a YAML path,
             a dict, a SalienceConfig) whose ``pruning:`` section is read; by default the tracker's own
             config, whose ``pruning:`` section defaults to keep 0.5, alpha 0.01, heads and neurons,
@@ -246,7 +251,7 @@ class AdaptivePruner:
         >>> report = pruner.finalize()   # modifies the model in place
         >>> report.params_after < report.params_before
         True
-        >>> tracker.detach()
+        >>> tracker.remove()
     """
 
     def __init__(
@@ -263,6 +268,7 @@ class AdaptivePruner:
         allocation: Optional[str] = None,
         calibration: Optional[str] = None,
         min_per_site: Optional[int] = None,
+        unobserved: Optional[str] = None,
         config: ConfigLike = None,
     ) -> None:
         from .tracker import SalienceTracker
@@ -281,7 +287,7 @@ class AdaptivePruner:
         self.config: PruningConfig = pruning_config(
             base, keep_ratio=keep_ratio, start_step=start_step, ramp_steps=ramp_steps, alpha=alpha,
             kinds=kinds, score=score,
-            allocation=allocation, calibration=calibration, min_per_site=min_per_site)
+            allocation=allocation, calibration=calibration, min_per_site=min_per_site, unobserved=unobserved)
         if self.config.ramp_steps is None:
             raise ValueError("ramp_steps is required (here or as pruning.ramp_steps in the config): the number of "
                              "steps over which the kept share ramps down from 1 to keep_ratio; the pruner does not "
@@ -363,7 +369,7 @@ class AdaptivePruner:
         t = self._step - self.config.start_step
         if t < 0:
             return False
-        self._check_setting((scores.meta or {}).get("config") or {})
+        self._check_setting(scores.config.to_dict() if scores.config is not None else {})
         gamma = cubic_keep_ratio(t, int(self.config.ramp_steps or 1), self.config.keep_ratio)
         sel = self._select(scores, gamma)
         masks = update_masks(self._masks, sel, self.config.alpha)
@@ -467,7 +473,8 @@ class AdaptivePruner:
             raise ValueError(f"not an apt_salience pruner state (version {got!r}, expected {PRUNER_STATE_VERSION})")
         if state.get("finalized"):
             raise ValueError("this pruner state was saved after finalize(); the model it describes is already pruned")
-        mine, theirs = _config_dict(self.config), dict(state.get("config") or {})
+        # settings a state saved by an older version lacks are its defaults
+        mine, theirs = _config_dict(self.config), {**_config_dict(PruningConfig()), **dict(state.get("config") or {})}
         changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if changed:
             warnings.warn("apt_salience: the loaded pruner state was saved with other settings: "
@@ -516,7 +523,8 @@ class AdaptivePruner:
     def _select(self, scores: SalienceScores, gamma: float) -> Selection:
         c = self.config
         return select_blocks(scores, keep_ratio=gamma, kinds=c.kinds, score=c.score, allocation=c.allocation,
-                             calibration=c.calibration, min_per_site=c.min_per_site, previous=self._masks)
+                             calibration=c.calibration, min_per_site=c.min_per_site, previous=self._masks,
+                             unobserved="prune" if c.unobserved == "prune" else "keep")
 
     def _apply(self, masks: Dict[str, Tensor], layout: BlockLayout) -> None:
         from .masks import apply_masks

@@ -117,7 +117,11 @@ class PruneReport:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Number of distinct parameter elements (shared / tied parameters counted once)."""
+    """Number of distinct parameter elements (shared / tied parameters counted once).
+
+    Args:
+        model: the model.
+    """
     return sum(p.numel() for p in model.parameters())
 
 
@@ -596,7 +600,7 @@ def prune_model(model: nn.Module, selection: Selection) -> PruneReport:
     heads: Dict[str, Tuple[Tensor, int]] = {}
     neurons: Dict[str, Tensor] = {}
     for kind, name, real, _, _, bs in layout_sites(modules, selection.layout, "selection"):
-        m = selection.site_masks(kind).get(name)
+        m = selection.by_site(kind).get(name)
         if m is None:
             continue
         if kind == "head":

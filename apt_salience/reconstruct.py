@@ -85,7 +85,9 @@ class SiteReconstruction:
 
     ``error_before``: mean over tokens of ``||y* - y||^2`` with the original kept weights (plain
     pruning) on the pruned model's input; ``error_after``: the same with the re-fitted weights;
-    ``target_energy``: mean ``||y*||^2`` (so ``error / target_energy`` is a relative error).
+    ``target_energy``: mean ``||y*||^2`` (so ``error / target_energy`` is a relative error);
+    ``name``, ``kind``: the site; ``channels`` / ``kept_channels``: its input channels before / after;
+    ``tokens``: the calibration tokens it was fitted on.
     """
 
     name: str
@@ -112,7 +114,8 @@ class ReconstructReport:
 
     ``sites`` in the order they were re-fitted (the order the model calls them); ``passes``: the
     (partial) forward passes run over the calibration batches; ``seconds``: wall time of the whole
-    call, pruning included.
+    call, pruning included; ``method``, ``target``, ``damping``, ``batches``: the arguments it ran with;
+    ``prune``: the :class:`~apt_salience.pruning.PruneReport` of the final physical pruning.
     """
 
     method: str

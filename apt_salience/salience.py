@@ -20,12 +20,14 @@ from typing import Iterable, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .moments import batch_moments, kurtosis_from_moments, pool_moments
+from .moments import Moments, batch_moments, kurtosis_from_moments, pool_moments
 
 __all__ = [
     "compute_activation_gradient_product",
     "compute_kurtosis",
     "normalize_scores",
+    "compressed_salience",
+    "kurtosis_of_moments",
     "head_param_count",
     "neuron_param_count",
     "hidden_param_count",
@@ -99,7 +101,26 @@ def compute_activation_gradient_product(
     acc = torch.float64 if torch.float64 in (h.dtype, g.dtype) else torch.float32
     a = torch.linalg.vector_norm(h, ord=1, dim=0, dtype=acc)
     b = torch.linalg.vector_norm(g, ord=1, dim=0, dtype=acc)
-    return a * b
+    return compressed_salience(a, b)
+
+
+def compressed_salience(abs_activation_sum: Tensor, abs_gradient_sum: Tensor) -> Tensor:
+    """APT's compressed per-channel salience from the token sums: ``A[c] * B[c]`` (Eq. 5, Algorithm 1).
+
+    ``A[c] = sum_tokens |H[:, c]|`` and ``B[c] = sum_tokens |G[:, c]|`` of one optimizer step: the
+    tracker streams these two sums and calls this function once per step (the product is taken
+    per step, never across steps); :func:`compute_activation_gradient_product` computes them
+    from whole tensors and calls it too.
+
+    Args:
+        abs_activation_sum: ``A``, 1-D (or any shape; element-wise).
+        abs_gradient_sum: ``B``, the same shape.
+
+    Example:
+        >>> compressed_salience(torch.tensor([4.0, 6.0]), torch.tensor([1.0, 0.5])).tolist()
+        [4.0, 3.0]
+    """
+    return abs_activation_sum * abs_gradient_sum
 
 
 def compute_kurtosis(
@@ -120,6 +141,14 @@ def compute_kurtosis(
     zero variance or fewer than two values give 0, never NaN. Computed in float64 from
     mean-shifted float32 power sums (stable when |mean| >> std).
 
+    Args:
+        activations: X, any layout; ``channel_dim`` names its channel axis.
+        channel_dim: the channel axis (default last).
+        group_size: channels pooled into one distribution (``d_head`` for a head).
+        mask: optional boolean/0-1 tensor over the non-channel dimensions; zeros are excluded.
+        sqrt: return ``sqrt(Kurt)``.
+        excess: use ``max(Kurt - 3, 0)``.
+
     Example:
         >>> x = torch.tensor([[0., 1.], [0., -1.], [0., 1.], [0., -1.]])
         >>> compute_kurtosis(x, sqrt=False).tolist()
@@ -130,8 +159,31 @@ def compute_kurtosis(
     h = _flatten_tokens(activations, channel_dim, mask, "activations")
     if h.shape[1] % group_size:
         raise ValueError(f"group_size={group_size} does not divide the {h.shape[1]} channels")
-    m = pool_moments(batch_moments(h), group_size)
-    k = kurtosis_from_moments(m, excess=excess)
+    return kurtosis_of_moments(batch_moments(h), group_size=group_size, excess=excess, sqrt=sqrt)
+
+
+def kurtosis_of_moments(moments: Moments, *, group_size: int = 1, excess: bool = False, sqrt: bool = False) -> Tensor:
+    """Per-channel (or per group of ``group_size`` contiguous channels) Pearson kurtosis from central moments.
+
+    ``Kurt = n * M4 / M2^2``; a group pools its channels' moments into one distribution (exact
+    shift to the pooled mean) first. ``excess`` gives ``max(Kurt - 3, 0)``; ``sqrt`` returns
+    ``sqrt(Kurt)``. Fewer than two values or zero variance give 0, never NaN. This is the kurtosis
+    :func:`compute_kurtosis` returns for whole tensors and the one the tracker publishes from the
+    window's streamed moments.
+
+    Args:
+        moments: per-channel ``(n, mean, M2, M3, M4)`` (:class:`~apt_salience.moments.Moments`).
+        group_size: channels per block (``d_head`` for heads).
+        excess: subtract 3 and clamp at 0.
+        sqrt: return the square root.
+
+    Example:
+        >>> from apt_salience.moments import batch_moments
+        >>> x = torch.tensor([[0., 1.], [0., -1.], [0., 1.], [0., -1.]])
+        >>> kurtosis_of_moments(batch_moments(x)).tolist(), kurtosis_of_moments(batch_moments(x), group_size=2).tolist()
+        ([0.0, 1.0], [2.0])
+    """
+    k = kurtosis_from_moments(pool_moments(moments, group_size), excess=excess)
     return k.sqrt() if sqrt else k
 
 
@@ -139,6 +191,10 @@ def normalize_scores(scores: Tensor, param_counts: Union[Tensor, Sequence[float]
     """Salience density: ``scores / param_counts`` (element-wise, broadcasting).
 
     Raises ``ValueError`` for a non-positive or non-finite parameter count.
+
+    Args:
+        scores: per-block scores.
+        param_counts: per-block parameter counts (a tensor, a sequence or one number; broadcast to ``scores``).
 
     Example:
         >>> normalize_scores(torch.tensor([6.0, 9.0]), head_param_count(d_model=4, head_dim=2, num_heads=2))
@@ -181,6 +237,12 @@ def head_param_count(d_model: int, head_dim: int, num_heads: int, num_kv_heads: 
     Without grouped-query attention (``num_kv_heads`` None or equal to ``num_heads``) this is
     ``4 * d_head * d_model``, the paper's ``4 d_m d_m / n_h``. Biases are left out.
 
+    Args:
+        d_model: the hidden size.
+        head_dim: channels per head.
+        num_heads: query heads of the attention.
+        num_kv_heads: key / value heads (grouped-query attention); None: ``num_heads``.
+
     Example:
         >>> head_param_count(768, 64, 12), head_param_count(4096, 128, 32, num_kv_heads=8)
         (196608.0, 1310720.0)
@@ -194,6 +256,10 @@ def head_param_count(d_model: int, head_dim: int, num_heads: int, num_kv_heads: 
 
 def neuron_param_count(d_model: int, gated: bool = False) -> float:
     """Parameters of one FFN neuron: ``2 * d_model`` (``3 * d_model`` for gated FFNs such as LLaMA's).
+
+    Args:
+        d_model: the hidden size.
+        gated: the FFN has a gate projection (three matrices).
 
     Example:
         >>> neuron_param_count(768), neuron_param_count(4096, gated=True)
@@ -209,6 +275,9 @@ def hidden_param_count(layers: Iterable[Tuple[int, int, int, int, bool]]) -> flo
     ``layers`` yields ``(num_heads, num_kv_heads, head_dim, d_ff, gated)`` per attention/FFN
     block pair; pass ``d_ff=0`` or ``num_heads=0`` for a layer that lacks one of them (e.g. a
     T5 cross-attention block). The paper's ``n_L (4 d_m + 2 n_f)`` without GQA.
+
+    Args:
+        layers: per attention / FFN block pair, ``(num_heads, num_kv_heads, head_dim, d_ff, gated)``.
 
     Example:
         >>> hidden_param_count([(12, 12, 64, 3072, False)] * 12) == 12 * (4 * 768 + 2 * 3072)
@@ -267,6 +336,11 @@ def outlier_aware_salience(salience: Tensor, sqrt_kurtosis: Tensor, *, combine: 
 
 def ema_update(previous: Tensor, value: Tensor, beta: float) -> Tensor:
     """One step of APT's smoothing, ``beta * previous + (1 - beta) * value`` (a new tensor).
+
+    Args:
+        previous: ``S_bar`` so far.
+        value: this window's value.
+        beta: the smoothing, in [0, 1).
 
     Example:
         >>> ema_update(torch.tensor([0.0]), torch.tensor([2.0]), 0.75).tolist()

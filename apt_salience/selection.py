@@ -23,8 +23,7 @@ Example:
     ...     outlier_aware=torch.tensor(v), param_count=torch.full((len(v),), pc), sites=sites)
     >>> scores = SalienceScores(step=1, d_model=4,
     ...     head=mk([4.0, 1.0], 32.0, [("l.0.o", 2)]), neuron=mk([1.0, 3.0, 0.1, 2.0], 8.0, [("l.0.down", 4)]),
-    ...     hidden=mk([1.0] * 4, 24.0, [("hidden", 4)]),
-    ...     meta={"layers": {"l.0.o": "l.0", "l.0.down": "l.0"}, "block_size": {"l.0.o": 2, "l.0.down": 1}})
+    ...     hidden=mk([1.0] * 4, 24.0, [("hidden", 4)]))
     >>> sel = select_blocks(scores, keep_ratio=0.5, kinds=("head", "neuron"))
     >>> sel.head.tolist(), sel.neuron.tolist(), sel.params_kept, sel.budget
     ([True, False], [False, True, False, True], 48.0, 48.0)
@@ -37,11 +36,13 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import Tensor
 
+from .layout import PRUNABLE_KINDS, BlockLayout, PrunableKind
+from .salience import normalize_scores
 from .scores import BlockScores, SalienceScores, read_json, write_json
 
 __all__ = [
@@ -57,156 +58,17 @@ __all__ = [
     "register_allocation",
     "register_calibration",
     "PRUNABLE_KINDS",
+    "UnobservedPolicy",
 ]
 
-#: Kinds a selection covers, in tie-break order.
-PRUNABLE_KINDS: Tuple[str, ...] = ("head", "neuron", "hidden")
+#: What :func:`select_blocks` does with the blocks of sites the tracker could not observe.
+UnobservedPolicy = Literal["keep", "prune"]
 
 MasksLike = Union["Selection", Mapping[str, Tensor]]
 
 
 class SelectionWarning(UserWarning):
     """The selection could not honour the budget exactly (e.g. forced blocks exceed it)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Layout
-
-
-@dataclass(frozen=True)
-class BlockLayout:
-    """Which blocks a selection or mask set refers to: sites, block sizes, layers, ``d_model``.
-
-    ``sites[kind]`` lists ``(module_name, num_blocks)`` in model order (``hidden`` has the single
-    pseudo-site ``("hidden", d_model)``); ``param_count[kind]`` the per-block parameter counts.
-    """
-
-    sites: Dict[str, Tuple[Tuple[str, int], ...]]
-    block_size: Dict[str, int]
-    layers: Dict[str, str]
-    d_model: int
-    param_count: Dict[str, Tensor] = field(default_factory=dict)
-    architecture: Optional[str] = None
-
-    @classmethod
-    def from_scores(cls, scores: SalienceScores) -> "BlockLayout":
-        """The layout of a tracker reading (``scores.meta['block_size']`` and ``['layers']`` are used)."""
-        if not isinstance(scores, SalienceScores):
-            raise TypeError(f"scores must be an apt_salience SalienceScores, got {type(scores).__name__}")
-        meta = scores.meta or {}
-        bsz = {str(k): int(v) for k, v in dict(meta.get("block_size", {})).items()}
-        layers = {str(k): str(v) for k, v in dict(meta.get("layers", {})).items()}
-        sites: Dict[str, Tuple[Tuple[str, int], ...]] = {}
-        counts: Dict[str, Tensor] = {}
-        for kind in PRUNABLE_KINDS:
-            b: Optional[BlockScores] = getattr(scores, kind)
-            if b is None:
-                continue
-            sites[kind] = tuple((str(n), int(c)) for n, c in b.sites)
-            counts[kind] = b.param_count.detach().to("cpu", torch.float64).reshape(-1)
-            if kind != "hidden":
-                for name, _ in b.sites:
-                    if kind == "neuron":
-                        bsz.setdefault(name, 1)  # head sizes missing from old meta are read from the model later
-                    layers.setdefault(name, name.rsplit(".", 1)[0] if "." in name else name)
-        d_model = int(scores.d_model) or (sum(c for _, c in sites.get("hidden", ())) if "hidden" in sites else 0)
-        return cls(sites, bsz, layers, d_model, counts, meta.get("architecture"))
-
-    @classmethod
-    def from_model(cls, model: torch.nn.Module, config: Any = None) -> "BlockLayout":
-        """The layout of a model's head / neuron sites (no scores needed), e.g. to build masks by hand.
-
-        Example:
-            >>> from torch import nn
-            >>> m = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 4))
-            >>> lay = BlockLayout.from_model(m, {"architecture": "custom", "sites": {"neurons": "1"}})
-            >>> lay.sites["neuron"], lay.d_model
-            ((('1', 8),), 4)
-        """
-        from .architectures import find_sites
-        from .config import load_config
-
-        sites_, arch = find_sites(model, load_config(config))
-        sites: Dict[str, List[Tuple[str, int]]] = {}
-        counts: Dict[str, List[float]] = {}
-        for s in sites_:
-            if s.kind not in ("head", "neuron"):
-                continue
-            sites.setdefault(s.kind, []).append((s.name, s.num_blocks))
-            counts.setdefault(s.kind, []).extend([s.block_param_count] * s.num_blocks)
-        d_model = next((s.out_features for s in sites_ if s.writes_hidden), 0)
-        if d_model:
-            total = sum(s.num_blocks * s.block_param_count for s in sites_ if s.writes_hidden) / d_model
-            sites["hidden"] = [("hidden", d_model)]
-            counts["hidden"] = [total] * d_model
-        return cls(
-            {k: tuple(v) for k, v in sites.items()},
-            {s.name: s.block_size for s in sites_},
-            {s.name: s.layer for s in sites_},
-            d_model,
-            {k: torch.tensor(v, dtype=torch.float64) for k, v in counts.items()},
-            arch,
-        )
-
-    def kinds(self) -> Tuple[str, ...]:
-        """Kinds present, in order."""
-        return tuple(k for k in PRUNABLE_KINDS if k in self.sites)
-
-    def num_blocks(self, kind: str) -> int:
-        return sum(c for _, c in self.sites.get(kind, ()))
-
-    def slices(self, kind: str) -> Dict[str, slice]:
-        """``{site: slice into the kind's 1-D vectors}``."""
-        out: Dict[str, slice] = {}
-        start = 0
-        for name, count in self.sites.get(kind, ()):
-            out[name] = slice(start, start + count)
-            start += count
-        return out
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {
-            "sites": {k: [[n, c] for n, c in v] for k, v in self.sites.items()},
-            "block_size": dict(self.block_size),
-            "layers": dict(self.layers),
-            "d_model": self.d_model,
-            "param_count": {k: v.tolist() for k, v in self.param_count.items()},
-            "architecture": self.architecture,
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "BlockLayout":
-        return cls(
-            {k: tuple((str(n), int(c)) for n, c in v) for k, v in d["sites"].items()},
-            {str(k): int(v) for k, v in d["block_size"].items()},
-            {str(k): str(v) for k, v in d["layers"].items()},
-            int(d["d_model"]),
-            {k: torch.tensor(v, dtype=torch.float64) for k, v in d.get("param_count", {}).items()},
-            d.get("architecture"),
-        )
-
-    def check_masks(self, masks: Mapping[str, Tensor], what: str = "masks") -> Dict[str, Tensor]:
-        """Validate ``{kind: 1-D mask}`` against the layout; returns the masks as float32 CPU tensors."""
-        if not isinstance(masks, Mapping):
-            raise TypeError(f"{what} must be a Selection or a dict {{kind: 1-D tensor}}, got {type(masks).__name__}")
-        out: Dict[str, Tensor] = {}
-        for kind, m in masks.items():
-            if m is None:
-                continue
-            if kind not in self.sites:
-                raise ValueError(
-                    f"{what} has kind {kind!r}, which the layout does not have (kinds: {', '.join(self.kinds())})"
-                )
-            if not isinstance(m, Tensor):
-                raise TypeError(f"{what}[{kind!r}] must be a torch.Tensor, got {type(m).__name__}")
-            n = self.num_blocks(kind)
-            if m.dim() != 1 or m.numel() != n:
-                raise ValueError(
-                    f"{what}[{kind!r}] has shape {tuple(m.shape)} but the layout has {n} {kind} blocks; "
-                    "masks and scores must come from the same model"
-                )
-            out[kind] = m.detach().to("cpu", torch.float32)
-        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +83,8 @@ class Selection:
     scores lack that kind). ``params_kept``: ``C`` of the kept blocks; ``budget``: the budget it
     was selected under; ``params_total``: ``C`` of the whole model the scores describe;
     ``layout``: the sites it refers to (used by :func:`apt_salience.masks.apply_masks` and
-    :func:`apt_salience.pruning.prune_model`).
+    :func:`apt_salience.pruning.prune_model`); ``kinds``, ``score``, ``allocation``, ``calibration``:
+    the settings it was selected with.
     """
 
     head: Optional[Tensor]
@@ -231,30 +94,46 @@ class Selection:
     budget: float
     params_total: float
     layout: BlockLayout
-    kinds: Tuple[str, ...] = PRUNABLE_KINDS
+    kinds: Tuple[PrunableKind, ...] = PRUNABLE_KINDS
     score: str = "outlier_aware"
     allocation: str = "global"
     calibration: str = "none"
 
     def masks(self, dtype: Optional[torch.dtype] = None) -> Dict[str, Tensor]:
-        """``{kind: mask}`` for the present kinds (bool, or cast to ``dtype``)."""
-        out = {k: m for k in PRUNABLE_KINDS if (m := getattr(self, k)) is not None}
+        """``{kind: mask}`` for the present kinds (bool, or cast to ``dtype``).
+
+        Args:
+            dtype: the dtype of the returned masks (None: bool).
+        """
+        out: Dict[str, Tensor] = {k: m for k in PRUNABLE_KINDS if (m := getattr(self, k)) is not None}
         return {k: m.to(dtype) for k, m in out.items()} if dtype is not None else out
 
-    def site_masks(self, kind: str) -> Dict[str, Tensor]:
-        """``{site: that site's slice of the kind's mask}``."""
+    def by_site(self, kind: str) -> Dict[str, Tensor]:
+        """``{site: that site's slice of the kind's mask}`` (empty when the kind is absent).
+
+        Args:
+            kind: ``head``, ``neuron`` or ``hidden``.
+        """
+        if kind not in PRUNABLE_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(PRUNABLE_KINDS)}, got {kind!r}")
         m = getattr(self, kind)
         if m is None:
             return {}
-        return {name: m[sl] for name, sl in self.layout.slices(kind).items()}
+        return {name: m[sl] for name, sl in self.layout.by_site(kind).items()}
+
+    #: Deprecated alias of :meth:`by_site`.
+    site_masks = by_site
 
     def num_kept(self) -> Dict[str, int]:
+        """``{kind: number of kept blocks}``."""
         return {k: int(m.sum()) for k, m in self.masks().items()}
 
     def num_pruned(self) -> Dict[str, int]:
+        """``{kind: number of pruned blocks}``."""
         return {k: int((~m).sum()) for k, m in self.masks().items()}
 
     def to_dict(self) -> Dict[str, Any]:
+        """JSON-serialisable dict, format ``apt_salience.selection/1`` (:meth:`from_dict` reads it back)."""
         return {
             "format": "apt_salience.selection/1",
             **{k: m.tolist() for k, m in self.masks().items()},
@@ -270,22 +149,42 @@ class Selection:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Selection":
+        """Read :meth:`to_dict`; a missing field is a ``ValueError`` naming it.
+
+        Args:
+            d: the dict.
+        """
         if not isinstance(d, Mapping) or d.get("format") != "apt_salience.selection/1":
             raise ValueError("not an apt_salience selection dict (format 'apt_salience.selection/1' expected)")
+        for key in ("params_kept", "budget", "params_total", "layout", "kinds", "score", "allocation", "calibration"):
+            if key not in d:
+                raise ValueError(f"selection dict is missing the field '{key}'")
+        kinds = tuple(d["kinds"])
+        bad = [k for k in kinds if k not in PRUNABLE_KINDS]
+        if bad:
+            raise ValueError(f"selection field 'kinds' has {bad}; kinds are {', '.join(PRUNABLE_KINDS)}")
         masks = {k: torch.tensor(d[k], dtype=torch.bool) if d.get(k) is not None else None for k in PRUNABLE_KINDS}
         return cls(
             masks["head"], masks["neuron"], masks["hidden"], float(d["params_kept"]), float(d["budget"]),
-            float(d["params_total"]), BlockLayout.from_dict(d["layout"]), tuple(d["kinds"]), str(d["score"]),
-            str(d["allocation"]), str(d["calibration"]),
+            float(d["params_total"]), BlockLayout.from_dict(d["layout"]), cast(Tuple[PrunableKind, ...], kinds),
+            str(d["score"]), str(d["allocation"]), str(d["calibration"]),
         )
 
     def save(self, path: Union[str, "os.PathLike[str]"]) -> Path:
-        """Write as JSON (:meth:`load` reads it back)."""
+        """Write as JSON (:meth:`load` reads it back); returns the path.
+
+        Args:
+            path: the file (parent folders are created).
+        """
         return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: Union[str, "os.PathLike[str]"]) -> "Selection":
-        """Read a file written by :meth:`save`."""
+        """Read a file written by :meth:`save`.
+
+        Args:
+            path: the file.
+        """
         return cls.from_dict(read_json(path, "selection"))
 
     def __repr__(self) -> str:
@@ -306,7 +205,10 @@ class SelectionProblem:
     the index itself is the tie-break order. ``cost`` is each head/neuron block's parameter count
     (0 for hidden dims); ``is_hidden`` marks hidden dims. A strategy returns a bool keep vector
     that keeps every ``forced`` block and no dead (``~alive``) block; :meth:`params` evaluates
-    ``C`` for any keep vector.
+    ``C`` for any keep vector. ``density``: each block's score over its parameter count; ``group``:
+    its (kind, layer) group; ``site``: its site; ``alive``: not pruned before; ``fixed_cost``: the
+    parameters of the head / neuron blocks of kinds not selected; ``fixed_hidden``: ``d_m'`` when hidden
+    dims are not selected; ``d_model``: the hidden size.
     """
 
     density: Tensor  # float64 [N]
@@ -321,12 +223,20 @@ class SelectionProblem:
     d_model: int
 
     def params(self, keep: Tensor) -> float:
-        """``C`` of the model that keeps these blocks."""
+        """``C`` of the model that keeps these blocks.
+
+        Args:
+            keep: bool ``[N]``, the kept blocks.
+        """
         h = float(keep[self.is_hidden].sum()) if bool(self.is_hidden.any()) else self.fixed_hidden
         return h / self.d_model * (self.fixed_cost + float(self.cost[keep].sum()))
 
     def prefix_params(self, order: Tensor) -> Tensor:
-        """``C(i)`` for i = 0..len(order): the model made of the first i blocks of ``order`` (float64 [len+1])."""
+        """``C(i)`` for i = 0..len(order): the model made of the first i blocks of ``order`` (float64 [len+1]).
+
+        Args:
+            order: block indices, in the order they are kept.
+        """
         z = torch.zeros(1, dtype=torch.float64)
         p = torch.cat([z, torch.cumsum(self.cost[order], 0)]) + self.fixed_cost
         if bool(self.is_hidden.any()):
@@ -464,14 +374,24 @@ CALIBRATIONS: Dict[str, CalibrationFn] = {"none": _calibrate_none, "site_mean": 
 
 
 def register_allocation(name: str, fn: AllocationFn) -> None:
-    """Add an allocation strategy usable as ``select_blocks(..., allocation=name)``."""
+    """Add an allocation strategy usable as ``select_blocks(..., allocation=name)``.
+
+    Args:
+        name: the name ``select_blocks`` takes.
+        fn: ``fn(problem, budget) -> bool keep tensor`` (see :class:`SelectionProblem`).
+    """
     if not isinstance(name, str) or not name or not callable(fn):
         raise TypeError("register_allocation(name: str, fn: callable(problem, budget) -> bool keep tensor)")
     ALLOCATIONS[name] = fn
 
 
 def register_calibration(name: str, fn: CalibrationFn) -> None:
-    """Add a calibration usable as ``select_blocks(..., calibration=name)``."""
+    """Add a calibration usable as ``select_blocks(..., calibration=name)``.
+
+    Args:
+        name: the name ``select_blocks`` takes.
+        fn: ``fn(kind, values, sites) -> values`` (per-block scores of one kind, and its sites).
+    """
     if not isinstance(name, str) or not name or not callable(fn):
         raise TypeError("register_calibration(name: str, fn: callable(kind, values, sites) -> values)")
     CALIBRATIONS[name] = fn
@@ -531,11 +451,12 @@ def select_blocks(
     calibration: str = "none",
     min_per_site: int = 0,
     previous: Optional[MasksLike] = None,
+    unobserved: UnobservedPolicy = "keep",
 ) -> Selection:
     """Select the blocks to keep under a parameter budget (APT Eq. 13-14).
 
     Args:
-        scores: a tracker reading.
+        scores: a tracker reading (its ``layout`` says which blocks there are).
         keep_ratio: in (0, 1]: ``budget = keep_ratio * C(all)``, ``C(all)`` being every block the scores
             describe (blocks pruned in ``previous`` included). Exactly one of ``keep_ratio`` / ``budget``.
         budget: the parameter budget ``C`` (head + neuron weights, scaled by ``d_m' / d_model``). With
@@ -556,6 +477,13 @@ def select_blocks(
             no attention or FFN is emptied. Counted against the budget; a warning if they alone exceed it.
         previous: an earlier :class:`Selection` or ``{kind: mask}`` (float masks: 0 means pruned): blocks
             pruned there stay pruned.
+        unobserved: what to do with the head and neuron blocks of the sites the tracker could not
+            observe (``scores.unobserved_sites``: their inputs never required grad, e.g. frozen lower
+            layers without ``model.enable_input_require_grads()``, so their salience is 0, not
+            measured). ``"keep"`` (default): they are kept, counted against the budget like
+            ``min_per_site`` blocks, and a :class:`SelectionWarning` names the sites; ``"prune"``:
+            they are ranked by their scores like any other block (salience 0 ranks them first
+            for pruning).
 
     Ties in density are broken by kind (head, neuron, hidden) and then model order.
 
@@ -594,13 +522,15 @@ def select_blocks(
         raise ValueError(f"calibration must be one of {sorted(CALIBRATIONS)}, got {calibration!r}")
     if isinstance(min_per_site, bool) or not isinstance(min_per_site, int) or min_per_site < 0:
         raise ValueError(f"min_per_site must be an int >= 0, got {min_per_site!r}")
+    if unobserved not in ("keep", "prune"):
+        raise ValueError(f"unobserved must be 'keep' or 'prune', got {unobserved!r}")
     if (keep_ratio is None) == (budget is None):
         raise ValueError("give exactly one of keep_ratio (fraction in (0, 1]) or budget (parameter count)")
     if keep_ratio is not None:
         if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
             raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
 
-    layout = BlockLayout.from_scores(scores)
+    layout = scores.layout.restrict(PRUNABLE_KINDS)
     missing = [k for k in kinds if k not in layout.sites]
     if missing:
         raise ValueError(f"the scores have no {', '.join(missing)} blocks; available kinds: {layout.kinds()}")
@@ -621,6 +551,9 @@ def select_blocks(
     grp: List[Tensor] = []
     sid: List[Tensor] = []
     alive: List[Tensor] = []
+    frozen: List[Tensor] = []  # blocks of unobserved sites, kept whole under unobserved="keep"
+    unobserved_sites = set(scores.unobserved_sites) if unobserved == "keep" else set()
+    held: List[str] = []
     group_ids: Dict[Tuple[str, str], int] = {}
     n_sites = 0
     fixed_cost = 0.0
@@ -637,26 +570,40 @@ def select_blocks(
                 fixed_cost += float(pc[a].sum())
             continue
         v = calib(kind, _score_values(scores, kind, score, n), layout.sites[kind]).to(torch.float64)
-        dens.append(v / pc)
+        dens.append(normalize_scores(v, pc))
         cost.append(pc if kind != "hidden" else torch.zeros(n, dtype=torch.float64))
         hid.append(torch.full((n,), kind == "hidden"))
         alive.append(a)
         g = torch.empty(n, dtype=torch.int64)
         s = torch.empty(n, dtype=torch.int64)
-        for name, sl in layout.slices(kind).items():
+        fz = torch.zeros(n, dtype=torch.bool)
+        for name, sl in layout.by_site(kind).items():
             key = (kind, layout.layers.get(name, name) if kind != "hidden" else "hidden")
             g[sl] = group_ids.setdefault(key, len(group_ids))
             s[sl] = n_sites
             n_sites += 1
+            if kind != "hidden" and name in unobserved_sites:
+                fz[sl] = True
+                held.append(name)
         grp.append(g)
         sid.append(s)
+        frozen.append(fz)
 
     prob = SelectionProblem(
         density=torch.cat(dens), cost=torch.cat(cost), is_hidden=torch.cat(hid), group=torch.cat(grp),
         site=torch.cat(sid), alive=torch.cat(alive), forced=torch.zeros(sum(a.numel() for a in alive), dtype=torch.bool),
         fixed_cost=fixed_cost, fixed_hidden=fixed_hidden, d_model=layout.d_model,
     )
-    prob.forced = _forced(prob, min_per_site, n_sites)
+    prob.forced = _forced(prob, min_per_site, n_sites) | (torch.cat(frozen) & prob.alive)
+    if held:
+        warnings.warn(
+            f"apt_salience: {len(held)} site(s) were never observed by the tracker (their inputs did not require "
+            f"grad, so their salience is 0, not measured): {', '.join(held[:6])}{' ...' if len(held) > 6 else ''}; "
+            "their blocks are kept. Call model.enable_input_require_grads() before training to score them, or pass "
+            "unobserved='prune' to rank them by their zero scores",
+            SelectionWarning,
+            stacklevel=2,
+        )
     params_total = full_cost  # every block kept: d_m' = d_model
     if keep_ratio is not None:
         budget = float(keep_ratio) * params_total
@@ -678,7 +625,8 @@ def select_blocks(
     if kept_params > budget * (1 + 1e-9):
         warnings.warn(
             f"apt_salience: the blocks that must be kept (kinds not selected: "
-            f"{[k for k in layout.kinds() if k not in kinds]}, min_per_site={min_per_site}) need {kept_params:.6g} "
+            f"{[k for k in layout.kinds() if k not in kinds]}, min_per_site={min_per_site}"
+            f"{f', {len(held)} unobserved site(s)' if held else ''}) need {kept_params:.6g} "
             f"parameters, more than the budget {budget:.6g}",
             SelectionWarning,
             stacklevel=2,
@@ -694,8 +642,8 @@ def select_blocks(
         else:
             masks[kind] = alive_prev.get(kind, torch.ones(n, dtype=torch.bool)).clone()
     return Selection(
-        masks["head"], masks["neuron"], masks["hidden"], kept_params, budget, params_total, layout, kinds,
-        score if isinstance(score, str) else "custom", allocation, calibration,
+        masks["head"], masks["neuron"], masks["hidden"], kept_params, budget, params_total, layout,
+        cast(Tuple[PrunableKind, ...], kinds), score if isinstance(score, str) else "custom", allocation, calibration,
     )
 
 

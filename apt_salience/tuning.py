@@ -69,6 +69,10 @@ def _adapter_scores(scores: SalienceScores) -> BlockScores:
 def adapter_importance(scores: SalienceScores, score: str = "salience") -> Dict[str, float]:
     """``{LoRA layer name: sum over its ranks of the adapter score}``, in model order.
 
+    Args:
+        scores: a reading with the ``adapter`` kind.
+        score: the summed field (``salience``, ``outlier_aware``, ``density``, ``kurtosis``).
+
     Example:
         >>> import torch
         >>> from apt_salience.scores import BlockScores, SalienceScores
@@ -85,7 +89,12 @@ def adapter_importance(scores: SalienceScores, score: str = "salience") -> Dict[
 
 
 def rank_adapters(scores: SalienceScores, score: str = "salience") -> List[Tuple[str, float]]:
-    """Adapters sorted by importance, most important first (ties in model order)."""
+    """Adapters sorted by importance, most important first (ties in model order).
+
+    Args:
+        scores: a reading with the ``adapter`` kind.
+        score: the summed field.
+    """
     imp = adapter_importance(scores, score)
     order = sorted(range(len(imp)), key=lambda i: -list(imp.values())[i])
     items = list(imp.items())
@@ -93,7 +102,13 @@ def rank_adapters(scores: SalienceScores, score: str = "salience") -> List[Tuple
 
 
 def grown_rank(rank: int, new_budget: float, old_budget: float) -> int:
-    """APT's growth rule ``r' = floor(r * Delta_t' / Delta_t)`` (never below ``rank``)."""
+    """APT's growth rule ``r' = floor(r * Delta_t' / Delta_t)`` (never below ``rank``).
+
+    Args:
+        rank: ``r``, the current rank.
+        new_budget: ``Delta_t'``.
+        old_budget: ``Delta_t`` (> 0).
+    """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be an int >= 1, got {rank!r}")
     for name, v in (("new_budget", new_budget), ("old_budget", old_budget)):
@@ -115,6 +130,14 @@ def plan_rank_growth(
 
     ``ranks`` defaults to the ranks the scores saw (blocks per adapter site). The number that
     grows is ``max(1, floor(n * fraction))``.
+
+    Args:
+        scores: a reading with the ``adapter`` kind.
+        new_budget: ``Delta_t'``.
+        old_budget: ``Delta_t``.
+        ranks: ``{LoRA layer: current rank}``; default: the blocks per adapter site in the scores.
+        fraction: the share of adapters that grow, in (0, 1].
+        score: the field summed into each adapter's importance.
 
     Example:
         >>> import torch
@@ -156,7 +179,12 @@ def _lora_parts(layer: nn.Module, adapter_name: str) -> Tuple[nn.Linear, nn.Line
 
 
 def lora_ranks(model: nn.Module, adapter_name: str = "default") -> Dict[str, int]:
-    """``{LoRA layer name: current rank}`` of every PEFT LoRA layer holding ``adapter_name``."""
+    """``{LoRA layer name: current rank}`` of every PEFT LoRA layer holding ``adapter_name``.
+
+    Args:
+        model: a PEFT LoRA model.
+        adapter_name: the PEFT adapter.
+    """
     out: Dict[str, int] = {}
     for name, m in model.named_modules():
         la = getattr(m, "lora_A", None)
@@ -175,12 +203,19 @@ def grow_lora_rank(
     std: Optional[float] = None,
     generator: Optional[torch.Generator] = None,
 ) -> None:
-    """Grow a PEFT LoRA layer's rank to ``new_rank`` without changing its output.
+    """Grow a PEFT LoRA layer's rank to ``new_rank`` without changing its output; modifies the layer in place.
 
     New rows of ``lora_A`` are drawn from ``N(0, std^2)`` (``std`` defaults to the standard
     deviation of the current ``lora_A`` weights, or ``1/sqrt(in_features)`` if that is 0); new
     columns of ``lora_B`` are zero. ``r`` is updated and ``lora_alpha`` rescaled so that the
     scaling stays what it was. The weights become new Parameters: rebuild the optimizer.
+
+    Args:
+        layer: a PEFT LoRA layer (modified in place).
+        new_rank: the rank to grow to (>= the current one).
+        adapter_name: the PEFT adapter.
+        std: the standard deviation of the new ``lora_A`` rows (default: see above).
+        generator: the random generator of the new rows.
 
     Example:
         >>> import torch, peft
@@ -228,7 +263,17 @@ def grow_lora_rank(
 
 def apply_rank_plan(model: nn.Module, plan: Mapping[str, int], *, adapter_name: str = "default",
                     std: Optional[float] = None, generator: Optional[torch.Generator] = None) -> List[str]:
-    """Grow every LoRA layer named in ``plan`` to its planned rank; returns the names that grew."""
+    """Grow every LoRA layer named in ``plan`` to its planned rank; returns the names that grew.
+
+    Modifies the model in place.
+
+    Args:
+        model: a PEFT LoRA model (modified in place).
+        plan: ``{LoRA layer name: new rank}`` (:func:`plan_rank_growth`).
+        adapter_name: the PEFT adapter.
+        std: the standard deviation of the new ``lora_A`` rows (default: each layer's own).
+        generator: the random generator of the new rows.
+    """
     from .masks import resolve_module
 
     modules = dict(model.named_modules())
@@ -253,6 +298,10 @@ def rebuild_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> tor
     Each old parameter group keeps its settings and those of its parameters that are still in the
     model (with their optimizer state); trainable parameters it did not know (grown or pruned
     weights) join the first group with fresh state.
+
+    Args:
+        optimizer: the optimizer to rebuild (not modified).
+        model: the model whose trainable parameters the new optimizer holds.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -425,7 +474,7 @@ class AdaptiveTuner:
         ...     opt.step(); opt.zero_grad(); _ = tracker.step(); _ = tuner.step()
         >>> [e["step"] for e in tuner.events], tuner.lora_parameters <= tuner.budget
         ([2, 4], True)
-        >>> tracker.detach()
+        >>> tracker.remove()
     """
 
     def __init__(

@@ -102,7 +102,8 @@ FULL = {
     "kurtosis": {"enabled": False, "source": "output", "excess": True, "combine": "scaled"},
     "sites": {"heads": r".*\.attn\.o", "neurons": r".*\.mlp\.down", "adapters": r".*\.lora_B\.[^.]+", "head_dim": 8},
     "pruning": {"keep_ratio": 0.4, "start_step": 10, "ramp_steps": 100, "alpha": 0.05, "kinds": ["head", "hidden"],
-                "score": "salience", "allocation": "uniform", "calibration": "site_mean", "min_per_site": 0},
+                "score": "salience", "allocation": "uniform", "calibration": "site_mean", "min_per_site": 0,
+                "unobserved": "prune"},
 }
 
 
@@ -280,8 +281,10 @@ def test_wrong_config_type() -> None:
         ({"allocation": "globl"}, r"'pruning.allocation' got 'globl'; allowed: global, relative, uniform\. Did you mean 'global'\?"),
         ({"calibration": "mean"}, r"'pruning.calibration' got 'mean'; allowed: none, site_mean"),
         ({"min_per_site": -1}, r"'pruning.min_per_site' must be an integer >= 0, got -1"),
+        ({"unobserved": "drop"}, r"'pruning.unobserved' got 'drop'; allowed: keep, prune"),
         ({"keep": 0.5}, r"unknown config key 'pruning.keep'\. Did you mean 'keep_ratio'\? Valid keys under pruning: "
-                        r"allocation, alpha, calibration, keep_ratio, kinds, min_per_site, ramp_steps, score, start_step"),
+                        r"allocation, alpha, calibration, keep_ratio, kinds, min_per_site, ramp_steps, score, start_step, "
+                        r"unobserved"),
     ],
 )
 def test_pruning_keys_name_key_value_and_allowed(raw: Dict[str, Any], pattern: str) -> None:

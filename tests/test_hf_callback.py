@@ -162,6 +162,30 @@ def test_resume_without_a_tracker_state_warns(tmp_path: Path) -> None:
     callback.tracker.detach()
 
 
+def test_remove_takes_the_callbacks_hooks_off_and_is_idempotent(tmp_path: Path) -> None:
+    from transformers import TrainerControl, TrainerState
+
+    def hooks(m: torch.nn.Module) -> int:
+        return sum(len(x._forward_hooks) + len(x._forward_pre_hooks) for x in m.modules())
+
+    model = _model()
+    callback = SalienceCallback(TRACK, mask_padding=True)
+    callback.on_train_begin(_args(tmp_path), TrainerState(), TrainerControl(), model=model)
+    assert callback.tracker is not None and callback.tracker.attached and hooks(model) > 0
+    callback.remove()
+    callback.remove()
+    assert hooks(model) == 0 and not callback.tracker.attached
+    given = apt_salience.attach(model, TRACK)  # a tracker passed in is the caller's: it stays attached
+    tracker_hooks = hooks(model)
+    other = SalienceCallback(tracker=given, mask_padding=True)
+    other.on_train_begin(_args(tmp_path), TrainerState(), TrainerControl(), model=model)
+    assert hooks(model) > tracker_hooks > 0
+    other.remove()
+    assert given.attached and hooks(model) == tracker_hooks
+    given.remove()
+    assert hooks(model) == 0
+
+
 def test_bad_arguments_are_clear_errors() -> None:
     with pytest.raises(TypeError, match="tracker must be a SalienceTracker"):
         SalienceCallback(tracker="nope")  # type: ignore[arg-type]

@@ -173,7 +173,7 @@ def test_peft_wrapped_sites_mask_base_and_adapter() -> None:
     mods = dict(ref.named_modules())
     with torch.no_grad():
         for kind, block in (("head", HD), ("neuron", 1)):
-            for name, m in sel.site_masks(kind).items():
+            for name, m in sel.by_site(kind).items():
                 cols = m.float().repeat_interleave(block)
                 mods[name].base_layer.weight.mul_(cols[None, :])
                 mods[name].lora_A["default"].weight.mul_(cols[None, :])
@@ -205,14 +205,15 @@ def test_masks_from_another_model_are_rejected() -> None:
     assert isinstance(apply_masks(small, sel), MaskHandle)
 
 
-def test_head_block_size_read_from_model_when_meta_lacks_it() -> None:
-    import dataclasses
+def test_head_block_size_read_from_model_when_an_old_scores_file_lacks_it() -> None:
+    from apt_salience.scores import SalienceScores
 
     model = bert()
     scores = _scores(model)
     meta = {k: v for k, v in scores.meta.items() if k != "block_size"}
-    sel = select_blocks(dataclasses.replace(scores, meta=meta), keep_ratio=0.5, kinds=("head", "neuron"),
-                        score="salience")
+    old = {"format": "apt_salience.scores/1", "step": scores.step, "d_model": scores.d_model, "meta": meta,
+           **{k: b.to_dict() for k, b in scores.kinds().items()}}
+    sel = select_blocks(SalienceScores.from_dict(old), keep_ratio=0.5, kinds=("head", "neuron"), score="salience")
     assert not any(name in sel.layout.block_size for name, _ in sel.layout.sites["head"])
     ref = select_blocks(scores, keep_ratio=0.5, kinds=("head", "neuron"), score="salience")
     with apply_masks(model, ref):

@@ -247,6 +247,13 @@ def test_load_state_dict_with_other_settings_warns() -> None:
     with pytest.raises(ValueError, match="not an apt_salience pruner state"):
         pruner2.load_state_dict({"version": 99})
     tracker2.detach()
+    # a state saved before a setting existed (pruning.unobserved) holds its default: no warning for it
+    model3, tracker3, pruner3, _ = _setup(keep_ratio=0.5, ramp_steps=4)
+    old = {**state, "config": {k: v for k, v in state["config"].items() if k != "unobserved"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PruningWarning)
+        pruner3.load_state_dict(old)
+    tracker3.detach()
 
 
 # ------------------------------------------------------------------------------------------ hooks
@@ -338,3 +345,36 @@ def test_pruning_section_of_the_config_is_the_default() -> None:
     pruner.step()
     assert pruner.selection is not None and bool(pruner.selection.head.all())  # heads are not pruned
     tracker.detach()
+
+
+@pytest.mark.parametrize("policy", ["keep", "prune"])
+def test_blocks_of_frozen_unobserved_layers_are_kept_unless_asked(policy: str) -> None:
+    from apt_salience.selection import SelectionWarning
+
+    model = make_model("bert", layers=3)
+    model.bert.embeddings.requires_grad_(False)
+    model.bert.encoder.layer[0].requires_grad_(False)  # its sites' inputs never require grad
+    frozen = ("bert.encoder.layer.0.attention.output.dense", "bert.encoder.layer.0.output.dense")
+    cfg = {**RECOMMENDED_CONFIG, "pruning": {"unobserved": policy}}
+    tracker = apt_salience.attach(model, cfg)
+    pruner = AdaptivePruner(model, tracker, keep_ratio=0.5, ramp_steps=1, alpha=1.0, min_per_site=0)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for batch in _batches("bert", 2):
+            _train_step(model, opt, batch)
+            tracker.step()
+            pruner.step()
+    selection_warnings = [str(w.message) for w in seen if issubclass(w.category, SelectionWarning)]
+    masks = pruner.masks
+    assert masks is not None and tracker.scores().unobserved_sites == frozen
+    lay = pruner.selection.layout  # type: ignore[union-attr]
+    for kind in ("head", "neuron"):
+        for name, sl in lay.by_site(kind).items():
+            if name in frozen:  # kept whole by default; ranked first for pruning (salience 0) when asked
+                assert bool((masks[kind][sl] == (1.0 if policy == "keep" else 0.0)).all()), (kind, name)
+    assert pruner.kept_share <= 0.5 + 1e-9
+    assert bool(selection_warnings) == (policy == "keep")
+    assert all(frozen[0] in m and frozen[1] in m for m in selection_warnings)
+    pruner.remove()
+    tracker.remove()

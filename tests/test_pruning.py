@@ -243,7 +243,7 @@ def test_other_families_prune_like_masks_and_round_trip(arch: str, tmp_path) -> 
     assert torch.allclose(out(model), expect, atol=1e-5)
     tracker.refresh()
     assert [s.num_blocks for s in tracker.sites if s.kind == "neuron"] == [
-        int(m.sum()) for m in sel.site_masks("neuron").values()]
+        int(m.sum()) for m in sel.by_site("neuron").values()]
     tracker.detach()
     save_pruned(model, tmp_path / arch)
     again = load_pruned(tmp_path / arch)

@@ -147,7 +147,7 @@ def test_every_site_equals_the_closed_form_on_the_final_models_own_inputs(arch: 
     x_final = capture(model, names, cal, "input")  # the pruned model's own inputs at each site
     recs = {r.name: r for r in report.sites}
     assert set(recs) == set(names)
-    masks = {n: m for k in ("head", "neuron") for n, m in sel.site_masks(k).items()}
+    masks = {n: m for k in ("head", "neuron") for n, m in sel.by_site(k).items()}
     for kind, name in site_names(sel):
         block = sel.layout.block_size[name]
         w_dense, b_dense = site_weights(dense, name)
@@ -207,7 +207,7 @@ def test_pruned_target_equals_a_brute_force_sequential_fit() -> None:
     mods = dict(ref.named_modules())
     order = ["bert.encoder.layer.0.attention.output.dense", "bert.encoder.layer.0.output.dense",
              "bert.encoder.layer.1.attention.output.dense", "bert.encoder.layer.1.output.dense"]
-    masks = {n: m for k in ("head", "neuron") for n, m in sel.site_masks(k).items()}
+    masks = {n: m for k in ("head", "neuron") for n, m in sel.by_site(k).items()}
     for name in order:
         block = sel.layout.block_size[name]
         keep_ch = masks[name].repeat_interleave(block).numpy()

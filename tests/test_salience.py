@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from apt_salience import compute_activation_gradient_product, compute_kurtosis, normalize_scores
-from apt_salience.salience import head_param_count, hidden_param_count, neuron_param_count
+from apt_salience.moments import batch_moments, merge_moments
+from apt_salience.salience import (compressed_salience, head_param_count, hidden_param_count, kurtosis_of_moments,
+                                   neuron_param_count)
 
 
 # ----------------------------------------------------------------------------- references
@@ -176,6 +178,31 @@ def test_kurtosis_of_head_pools_its_channels(gen: torch.Generator) -> None:
     per_channel_mean = scipy.stats.kurtosis(x[:, 3:].double().numpy(), axis=0, fisher=False).mean()
     assert abs(head1 - per_channel_mean) > 1  # the two readings really differ
     np.testing.assert_allclose(got[1].item(), head1, rtol=1e-5)
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_kurtosis_of_streamed_moments_is_the_kurtosis_of_the_whole_stream(group: int, gen: torch.Generator) -> None:
+    """The tracker publishes kurtosis_of_moments of merged per-batch moments: scipy over all the rows pooled."""
+    x = _mixed_channels(gen)[:, :4] * torch.tensor([1.0, 3.0, 0.5, 2.0]) + 20.0
+    parts = [batch_moments(p) for p in torch.split(x, [350, 1, 249])]
+    merged = merge_moments(merge_moments(parts[0], parts[1]), parts[2])
+    got = kurtosis_of_moments(merged, group_size=group)
+    ref = [scipy.stats.kurtosis(x[:, i:i + group].double().reshape(-1).numpy(), fisher=False) for i in range(0, 4, group)]
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-6)
+    np.testing.assert_allclose(kurtosis_of_moments(merged, group_size=group, sqrt=True, excess=True).numpy(),
+                               np.sqrt(np.maximum(np.array(ref) - 3, 0)), rtol=1e-6, atol=1e-7)
+    assert torch.equal(compute_kurtosis(x, group_size=group, sqrt=False), kurtosis_of_moments(batch_moments(x),
+                                                                                               group_size=group))
+
+
+def test_compressed_salience_of_streamed_sums_is_the_product_of_the_whole_step(gen: torch.Generator) -> None:
+    """sum|H| and sum|G| add up over micro-batches; their product is taken once per step."""
+    h, g = torch.randn(2, 5, 6, 3, generator=gen).double().unbind(0)
+    a = sum(p.abs().sum(dim=(0, 1)) for p in h.split(2))
+    b = sum(p.abs().sum(dim=(0, 1)) for p in g.split(2))
+    brute = np.abs(h.numpy()).sum(axis=(0, 1)) * np.abs(g.numpy()).sum(axis=(0, 1))
+    np.testing.assert_allclose(compressed_salience(a, b).numpy(), brute, rtol=1e-12)
+    np.testing.assert_allclose(compute_activation_gradient_product(h, g).numpy(), brute, rtol=1e-12)
 
 
 def test_kurtosis_mask(gen: torch.Generator) -> None:

@@ -241,7 +241,7 @@ def test_uniform_honours_min_per_site_and_previous() -> None:
     sel = select_blocks(scores, keep_ratio=0.6, kinds=("head", "neuron"), score=custom, allocation="uniform",
                         min_per_site=1, previous=prev)
     assert not sel.neuron[n0]
-    assert all(m.any() for kind in ("head", "neuron") for m in sel.site_masks(kind).values())
+    assert all(m.any() for kind in ("head", "neuron") for m in sel.by_site(kind).values())
     assert sel.params_kept <= sel.budget
 
 
@@ -251,7 +251,7 @@ def test_site_mean_calibration_equals_custom_calibrated_scores() -> None:
     cal: Dict[str, torch.Tensor] = {}
     for kind in KIND_ORDER:
         b = getattr(scores, kind)
-        parts = [v / v.mean() for v in b.split("outlier_aware").values()]
+        parts = [v / v.mean() for v in b.by_site("outlier_aware").values()]
         cal[kind] = torch.cat(parts)
     a = select_blocks(scores, keep_ratio=0.4, calibration="site_mean")
     b = select_blocks(scores, keep_ratio=0.4, score=cal)
@@ -281,9 +281,9 @@ def test_min_per_site_keeps_the_densest_block_of_every_site() -> None:
         sel = select_blocks(scores, keep_ratio=0.6, kinds=("head", "neuron"), score=custom, min_per_site=1)
     for kind in ("head", "neuron"):
         dens = {n: v / p for (n, v), p in zip(
-            [(n, custom[kind][sl]) for n, sl in sel.layout.slices(kind).items()],
-            getattr(scores, kind).split("param_count").values())}
-        for name, m in sel.site_masks(kind).items():
+            [(n, custom[kind][sl]) for n, sl in sel.layout.by_site(kind).items()],
+            getattr(scores, kind).by_site("param_count").values())}
+        for name, m in sel.by_site(kind).items():
             assert m.any(), name
             assert bool(m[int(torch.argmax(dens[name]))])
     assert sel.params_kept <= sel.budget
@@ -293,7 +293,7 @@ def test_min_per_site_over_budget_warns() -> None:
     scores = random_scores(random.Random(12), n_layers=4, d_model=4)
     with pytest.warns(SelectionWarning, match="min_per_site"):
         sel = select_blocks(scores, budget=1.0, kinds=("head", "neuron"), min_per_site=1)
-    assert all(m.sum() == 1 for m in sel.site_masks("head").values())
+    assert all(m.sum() == 1 for m in sel.by_site("head").values())
 
 
 def test_previously_pruned_blocks_stay_pruned() -> None:
@@ -438,3 +438,96 @@ def test_selection_load_errors_name_the_file(tmp_path) -> None:
         Selection.load(tmp_path / "sel.json")
     with pytest.raises(ValueError, match="cannot read selection file"):
         Selection.load(tmp_path / "missing.json")
+
+
+# ----------------------------------------------------------------------------- unobserved (frozen) sites
+
+def _frozen_bert_reading():  # type: ignore[no-untyped-def]
+    """Tiny 3-layer BERT with embeddings and layer 0 frozen (no enable_input_require_grads): the tracker's
+    reading, and the sites whose input never required grad, found by the test's own hooks."""
+    import apt_salience
+    from apt_salience import SalienceWarning
+    from tests._models import make_batch, make_model
+    from tests._reference import discover_sites
+
+    model = make_model("bert", layers=3)
+    model.bert.embeddings.requires_grad_(False)
+    model.bert.encoder.layer[0].requires_grad_(False)
+    modules = dict(model.named_modules())
+    grad_seen: Dict[str, bool] = {}
+
+    def hook(name: str):  # type: ignore[no-untyped-def]
+        return lambda mod, args: grad_seen.__setitem__(name, grad_seen.get(name, False) or args[0].requires_grad)
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in discover_sites(model, "bert")]
+    tracker = apt_salience.attach(model)
+    gen = torch.Generator().manual_seed(0)
+    with pytest.warns(SalienceWarning, match="does not require grad"):
+        for _ in range(2):
+            inputs, mask = make_batch("bert", gen)
+            with tracker.token_mask(mask):
+                model(**inputs).loss.backward()
+            tracker.step()
+    tracker.remove()
+    for h in handles:
+        h.remove()
+    frozen = sorted(n for n, seen in grad_seen.items() if not seen)
+    assert frozen == ["bert.encoder.layer.0.attention.output.dense", "bert.encoder.layer.0.output.dense"]
+    return tracker.scores(), frozen
+
+
+def test_unobserved_sites_are_kept_and_named_and_the_rest_follows_the_budget() -> None:
+    scores, frozen = _frozen_bert_reading()
+    assert scores.unobserved_sites == tuple(frozen)
+    with pytest.warns(SelectionWarning, match=r"2 site\(s\) were never observed.*layer\.0\.attention\.output\.dense, "
+                                              r"bert\.encoder\.layer\.0\.output\.dense.*unobserved='prune'"):
+        sel = select_blocks(scores, keep_ratio=0.5, kinds=("head", "neuron"))
+    # oracle: the frozen blocks kept whole; the observed ones by one density sort (ties: head before neuron,
+    # then model order) into what the budget leaves
+    fixed, blocks = 0.0, []
+    for kind in ("head", "neuron"):
+        b = getattr(scores, kind)
+        start = 0
+        for name, n in b.sites:
+            for i in range(start, start + n):
+                pc = float(b.param_count[i])
+                if name in frozen:
+                    fixed += pc
+                else:
+                    blocks.append((-float(b.outlier_aware[i]) / pc, kind, i, pc))
+            start += n
+    blocks.sort(key=lambda t: (t[0], ("head", "neuron").index(t[1]), t[2]))
+    expect = {k: torch.zeros(len(getattr(scores, k)), dtype=torch.bool) for k in ("head", "neuron")}
+    used = fixed
+    for _, kind, i, pc in blocks:
+        if used + pc > sel.budget * (1 + 1e-12):
+            break
+        used += pc
+        expect[kind][i] = True
+    for kind in ("head", "neuron"):
+        for name, sl in sel.layout.by_site(kind).items():
+            if name in frozen:
+                expect[kind][sl] = True
+        assert torch.equal(getattr(sel, kind), expect[kind]), kind
+    assert sel.params_kept == pytest.approx(used) and used <= sel.budget
+    # asked to prune them: their zero scores rank them first, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SelectionWarning)
+        pruned = select_blocks(scores, keep_ratio=0.5, kinds=("head", "neuron"), unobserved="prune")
+    for kind in ("head", "neuron"):
+        for name, m in pruned.by_site(kind).items():
+            assert not m.any() if name in frozen else True, name
+    with pytest.raises(ValueError, match="unobserved must be 'keep' or 'prune', got 'drop'"):
+        select_blocks(scores, keep_ratio=0.5, unobserved="drop")  # type: ignore[arg-type]
+
+
+def test_selection_per_site_view_and_deprecated_alias() -> None:
+    scores = random_scores(random.Random(3))
+    sel = select_blocks(scores, keep_ratio=0.6)
+    assert Selection.site_masks is Selection.by_site
+    for kind in ("head", "neuron", "hidden"):
+        parts = sel.by_site(kind)
+        assert list(parts) == [n for n, _ in getattr(scores, kind).sites]
+        assert torch.equal(torch.cat(list(parts.values())), getattr(sel, kind))
+    with pytest.raises(ValueError, match="kind must be one of head, neuron, hidden, got 'adapter'"):
+        sel.by_site("adapter")

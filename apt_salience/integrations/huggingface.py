@@ -54,6 +54,10 @@ PRUNER_STATE_FILE = "apt_salience_pruner.pt"
 def state_file_name(rank: int = 0, world_size: int = 1) -> str:
     """File name of the tracker state in a checkpoint folder: one file per rank under torch.distributed.
 
+    Args:
+        rank: this process's rank.
+        world_size: the number of processes.
+
     Example:
         >>> state_file_name(), state_file_name(1, 4)
         ('apt_salience_tracker.pt', 'apt_salience_tracker_rank1.pt')
@@ -78,6 +82,11 @@ def reading_scalars(scores: SalienceScores, *, prefix: str = "salience/", near_z
     ``{prefix}{kind}/mean_outlier_aware`` (mean outlier-aware salience), ``{prefix}{kind}/mean_salience``
     and ``{prefix}{kind}/near_zero_share`` (the share of blocks whose salience is at most
     ``near_zero`` times the kind's mean salience: candidates for pruning).
+
+    Args:
+        scores: a tracker reading.
+        prefix: prepended to every key.
+        near_zero: the share's threshold, relative to the kind's mean salience (>= 0).
 
     Example:
         >>> import torch
@@ -193,6 +202,13 @@ class SalienceCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: Optional[torch.nn.Module] = None, **kwargs: Any) -> None:
+        """Attach the tracker (unless one was given), add the padding-mask hooks, resume a checkpoint's tracker state.
+
+        Args:
+            args, state, control: the Trainer's (the ``transformers.TrainerCallback`` protocol).
+            model: the Trainer's model.
+            **kwargs: the Trainer's other callback arguments.
+        """
         if self.tracker is None or (self._owns_tracker and not self.tracker.attached):
             if model is None:
                 raise ValueError("SalienceCallback needs the Trainer's model at on_train_begin (got model=None); "
@@ -216,6 +232,12 @@ class SalienceCallback(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> TrainerControl:
+        """``tracker.step()`` once per optimizer step; a published reading is logged at the next log.
+
+        Args:
+            args, state, control: the Trainer's (the ``transformers.TrainerCallback`` protocol).
+            **kwargs: the Trainer's other callback arguments.
+        """
         tracker = self._tracker()
         if tracker.step():
             scores = tracker.scores()
@@ -228,6 +250,13 @@ class SalienceCallback(TrainerCallback):
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: Optional[Dict[str, float]] = None, **kwargs: Any) -> None:
+        """Add the latest reading's scalars (:func:`reading_scalars`) to the Trainer's log entry.
+
+        Args:
+            args, state, control: the Trainer's (the ``transformers.TrainerCallback`` protocol).
+            logs: the log entry being written.
+            **kwargs: the Trainer's other callback arguments.
+        """
         if not self._pending_logs or logs is None or any(str(k).startswith("eval_") for k in logs):
             return
         logs.update(self._pending_logs)
@@ -237,6 +266,12 @@ class SalienceCallback(TrainerCallback):
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 **kwargs: Any) -> None:
+        """Write the tracker state into the checkpoint folder (one file per rank).
+
+        Args:
+            args, state, control: the Trainer's (the ``transformers.TrainerCallback`` protocol).
+            **kwargs: the Trainer's other callback arguments.
+        """
         tracker = self._tracker()
         folder = os.path.join(args.output_dir or ".", f"checkpoint-{state.global_step}")
         os.makedirs(folder, exist_ok=True)
@@ -248,9 +283,21 @@ class SalienceCallback(TrainerCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
+        """Take the callback's hooks off (and those of a tracker it attached itself).
+
+        Args:
+            args, state, control: the Trainer's (the ``transformers.TrainerCallback`` protocol).
+            **kwargs: the Trainer's other callback arguments.
+        """
+        SalienceCallback.remove(self)  # a subclass's remove() may take more off (the pruner's masks) than ends here
+
+    def remove(self) -> None:
+        """Take the callback's hooks off the model: its padding-mask hooks, and the hooks of a tracker it
+        attached itself (a tracker passed in stays attached). Safe to call twice; ``on_train_end`` calls it,
+        so call it yourself only when training stops without it (an exception in ``trainer.train()``)."""
         self._remove_mask_hooks()
         if self.tracker is not None and self._owns_tracker:
-            self.tracker.detach()
+            self.tracker.remove()
 
     # ------------------------------------------------------------------ helpers
 
@@ -456,6 +503,13 @@ class AdaptivePruningCallback(SalienceCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: Optional[torch.nn.Module] = None, **kwargs: Any) -> None:
+        """Build the pruner (and the tuner), resuming their state from a checkpoint.
+
+        Args:
+            args, state, control: the Trainer's (the ``transformers.TrainerCallback`` protocol).
+            model: the Trainer's model.
+            **kwargs: the Trainer's other callback arguments.
+        """
         super().on_train_begin(args, state, control, model=model, **kwargs)
         tracker = self._tracker()
         target = tracker.model
@@ -494,6 +548,12 @@ class AdaptivePruningCallback(SalienceCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> TrainerControl:
+        """Step the tracker, then the pruner (and the tuner); log the schedule at a mask update.
+
+        Args:
+            args, state, control: the Trainer's (the ``transformers.TrainerCallback`` protocol).
+            **kwargs: the Trainer's other callback arguments.
+        """
         control = super().on_step_end(args, state, control, **kwargs)
         pruner = self._pruner()
         updated = pruner.step()
@@ -511,6 +571,12 @@ class AdaptivePruningCallback(SalienceCallback):
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 **kwargs: Any) -> None:
+        """Write the tracker state, and on the main process the pruner (and tuner) state.
+
+        Args:
+            args, state, control: the Trainer's (the ``transformers.TrainerCallback`` protocol).
+            **kwargs: the Trainer's other callback arguments.
+        """
         super().on_save(args, state, control, **kwargs)
         if not state.is_world_process_zero:
             return
@@ -525,6 +591,12 @@ class AdaptivePruningCallback(SalienceCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
+        """Finalize (hard masks, physical pruning: modifies the model in place) and save the pruned model.
+
+        Args:
+            args, state, control: the Trainer's (the ``transformers.TrainerCallback`` protocol).
+            **kwargs: the Trainer's other callback arguments.
+        """
         try:
             pruner = self._pruner()
             if not pruner.finalized:
@@ -543,6 +615,13 @@ class AdaptivePruningCallback(SalienceCallback):
                 self.saved_to = folder
         finally:
             super().on_train_end(args, state, control, **kwargs)
+
+    def remove(self) -> None:
+        """Take every hook the callback added off the model (the pruner's masks too, when it did not
+        finalize: the model is then the unpruned one); safe to call twice. ``on_train_end`` finalizes first."""
+        if self.pruner is not None and not self.pruner.finalized:
+            self.pruner.remove()
+        super().remove()
 
     def _pruner(self) -> AdaptivePruner:
         if self.pruner is None:

@@ -28,8 +28,9 @@ from torch import Tensor, nn
 
 from ..architectures import Site, find_sites
 from ..config import ConfigLike, SalienceConfig, load_config
+from ..layout import BlockLayout
 from ..scores import SalienceScores
-from .accumulate import Accumulator, Probe
+from .accumulate import BLOCK_KINDS, Accumulator, Probe
 from .distributed import DistributedSync, process_group
 from .errors import SalienceWarning, TrackerStateError
 from .hooks import HookSet
@@ -54,7 +55,14 @@ class SalienceTracker:
     Create it with :func:`attach` (or ``SalienceTracker.attach``); call :meth:`step` once per
     optimizer step; read :meth:`scores` when ``step()`` returns True; :meth:`remove` at the end
     (``detach`` is the same; or use it as a context manager). Works the same under
-    ``torch.compile`` (no graph break).
+    ``torch.compile`` (no graph break). A reading (:class:`~apt_salience.SalienceScores`) carries
+    everything its readers need: scores, uncertainty, the block layout, the config, the unobserved sites.
+
+    Args:
+        model: the model to observe (hooks go on its site modules and on the model itself, which is
+            otherwise unchanged; :meth:`remove` takes them off).
+        config: None, a YAML path, a dict or a :class:`~apt_salience.SalienceConfig`.
+        scaler: the ``torch.amp.GradScaler`` of an fp16 run (see :func:`attach`).
 
     Example:
         >>> import torch, apt_salience
@@ -95,7 +103,13 @@ class SalienceTracker:
 
     @classmethod
     def attach(cls, model: nn.Module, config: ConfigLike = None, *, scaler: Any = None) -> "SalienceTracker":
-        """Validate, find the sites and register the hooks (same as :func:`apt_salience.attach`)."""
+        """Validate, find the sites and register the hooks (same as :func:`apt_salience.attach`).
+
+        Args:
+            model: the model to observe (hooks go on its site modules and on the model itself).
+            config: None, a YAML path, a dict or a :class:`~apt_salience.SalienceConfig`.
+            scaler: the ``torch.amp.GradScaler`` of an fp16 run (see :func:`attach`).
+        """
         return cls(model, config, scaler=scaler)
 
     def _build(self, sites: List[Site]) -> None:
@@ -111,10 +125,9 @@ class SalienceTracker:
             pin = Probe(s, "in", s.in_features, s.block_size, in_order, dec, s.device)
             pout = Probe(s, "out", s.out_features, 1, out_order, dec, s.device) if s.writes_hidden else None
             self._pairs.append((pin, pout))
-        self.d_model = next((s.out_features for s in sites if s.writes_hidden), 0)
-        counts = {k: n for k in ("head", "neuron", "adapter") if (n := sum(s.num_blocks for s in sites if s.kind == k))}
-        if self.d_model:
-            counts["hidden"] = self.d_model
+        layout = self.layout
+        self.d_model = layout.d_model
+        counts = {k: layout.num_blocks(k) for k in BLOCK_KINDS if k in layout.sites}
         probes = [p for pair in self._pairs for p in pair if p is not None]
         self._acc = Accumulator(probes, RECIPES[cfg.salience.mode], counts, self._home)
         self._acc.init_ema(("salience", "outlier_aware") + (("uncertainty",) if cfg.uncertainty_beta is not None else ()))
@@ -167,6 +180,12 @@ class SalienceTracker:
     def model(self) -> nn.Module:
         """The model the tracker was attached to."""
         return self._model
+
+    @property
+    def layout(self) -> BlockLayout:
+        """The block layout of the tracked sites, from the current module shapes (built on each call; a
+        reading carries the layout it was published with as ``scores.layout``)."""
+        return BlockLayout.from_sites(self.sites, self.architecture)
 
     @property
     def attached(self) -> bool:
@@ -260,17 +279,9 @@ class SalienceTracker:
             logger.info("apt_salience: window ending at step %d observed nothing; no reading", self._steps)
             self._acc.reset_window()
             return False
-        meta = {
-            "architecture": self.architecture,
-            "config": self.config.to_dict(),
-            "window_steps": n_steps,
-            "layers": {s.name: s.layer for s in self.sites},
-            "block_size": {s.name: s.block_size for s in self.sites},
-            "fingerprint": self._fingerprint,
-            "unobserved_sites": sorted({k.rsplit(":", 1)[0] for k in self._obs.unobserved}),
-        }
-        self._scores = publish_reading(self._acc, self.sites, self._pairs, self.config, self.d_model, n_steps,
-                                       self._steps, meta)
+        self._scores = publish_reading(  # the layout of the current shapes (parameter counts after pruning)
+            self._acc, self.layout, self._pairs, self.config, n_steps, self._steps, fingerprint=self._fingerprint,
+            unobserved_sites=sorted({k.rsplit(":", 1)[0] for k in self._obs.unobserved}))
         self._publications += 1
         self._acc.reset_window()
         return True
@@ -315,6 +326,7 @@ class SalienceTracker:
                 old.block_param_count = new.block_param_count
                 old.module = new.module
         else:
+            self.architecture = arch
             self._build(sites)
             self._scores = None
             logger.info("apt_salience: layout changed on refresh (%s -> %s); statistics restarted", old_fp, self._fingerprint)
@@ -322,10 +334,16 @@ class SalienceTracker:
         self._register()
 
     def uncertainty(self) -> Dict[str, Tensor]:
-        """AdaLoRA-style uncertainty ``U`` per kind (``uncertainty_beta`` set), for the score ``S_bar * U``."""
+        """AdaLoRA-style uncertainty ``U`` per kind (``uncertainty_beta`` set), for the score ``S_bar * U``.
+
+        The latest reading's ``BlockScores.uncertainty`` (zeros before the first reading); read it
+        from the reading (``scores.head.uncertainty``, ``scores.uncertainty()``) rather than from here.
+        """
         if self.config.uncertainty_beta is None:
             raise TrackerStateError("uncertainty is off: set 'uncertainty_beta' in the config")
-        return {k: v["uncertainty"].float().cpu() for k, v in self._acc.ema.items()}
+        if self._scores is not None:
+            return self._scores.uncertainty()
+        return {k: torch.zeros(n) for k, n in self._acc.counts.items()}
 
     def state_bytes(self) -> int:
         """Bytes held by the tracker's persistent tensors (independent of batch and sequence length)."""
@@ -402,7 +420,11 @@ class SalienceTracker:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`. The whole state is checked first: a missing, malformed or
-        incompatible part raises ``TrackerStateError`` naming it, and the tracker is left unchanged."""
+        incompatible part raises ``TrackerStateError`` naming it, and the tracker is left unchanged.
+
+        Args:
+            state: what :meth:`state_dict` returned (e.g. through ``torch.save`` / ``torch.load``).
+        """
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
             got = state.get("version") if isinstance(state, dict) else type(state).__name__
             raise TrackerStateError(f"not an apt_salience tracker state (version {got!r}; this library reads "
@@ -462,6 +484,9 @@ class SalienceTracker:
 
 def attach(model: nn.Module, config: ConfigLike = None, *, scaler: Any = None) -> SalienceTracker:
     """Attach a :class:`SalienceTracker` to ``model`` (config: None, a YAML path, a dict or a SalienceConfig).
+
+    Modifies the model in place only by registering hooks on it (its outputs are unchanged);
+    ``tracker.remove()`` takes every one of them off.
 
     Args:
         model: the model to observe (hooks are added to its site modules and to the model itself).

@@ -38,6 +38,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..salience import compressed_salience  # the pure function of APT Eq. 5
 from ..moments import abs_sum_rows, power_sums, prod_sum_rows
 from .kernels import grad_abs_sum, grad_prod_sum
 
@@ -77,8 +78,9 @@ class Recipe:
 
 
 RECIPES: Dict[str, Recipe] = {
-    # APT Eq. 5: sum|H| * sum|dL/dH| per channel and step
-    "compressed": Recipe("compressed", True, True, False, ("abs_in", "abs_grad"), lambda s: s[0] * s[1], _identity),
+    # APT Eq. 5: sum|H| * sum|dL/dH| per channel and step (the pure function of apt_salience.salience)
+    "compressed": Recipe("compressed", True, True, False, ("abs_in", "abs_grad"), lambda s: compressed_salience(s[0], s[1]),
+                         _identity),
     # first-order Taylor |sum H * dL/dH| of the block (signed sums over tokens and the block's channels)
     "taylor": Recipe("taylor", False, False, True, ("prod",), lambda s: s[0], torch.abs),
     # Fisher information (sum H * dL/dH)^2 of the block
