@@ -42,7 +42,7 @@ Example:
     ...     num_attention_heads=4, intermediate_size=64, vocab_size=100))
     >>> tracker = attach(m)
     >>> m(input_ids=torch.randint(0, 100, (2, 7)), labels=torch.tensor([0, 1])).loss.backward()
-    >>> _ = tracker.step(); reading = tracker.scores(); tracker.detach()
+    >>> _ = tracker.step(); reading = tracker.scores(); tracker.remove()
     >>> s = magnitude_scores(m)
     >>> s["head"].shape, s["neuron"].shape, s["head"].dtype
     (torch.Size([8]), torch.Size([128]), torch.float64)
@@ -53,7 +53,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch
 from torch import Tensor, nn
@@ -61,11 +61,10 @@ from torch.utils.hooks import RemovableHandle
 
 from .architectures import Site, find_sites, linear_dims, linear_weight
 from .config import ConfigLike, load_config
+from .layout import BlockKind, BlockLayout
 from .scores import SalienceScores
-from .selection import BlockLayout
 
 __all__ = [
-    "BlockKind",
     "CRITERION_KINDS",
     "magnitude_scores",
     "random_scores",
@@ -75,9 +74,6 @@ __all__ = [
     "WeightTaylor",
     "block_groups",
 ]
-
-#: A block kind of a reading (defined here until the library has one shared alias).
-BlockKind = Literal["head", "neuron", "hidden", "adapter"]
 
 #: The kinds the criteria score (blocks with weights of their own in a site and its producers).
 CRITERION_KINDS: Tuple[BlockKind, ...] = ("head", "neuron")
@@ -261,7 +257,8 @@ _Owner = TypeVar("_Owner", bound="_HookOwner")
 
 
 class _HookOwner:
-    """Owns hook handles: :meth:`detach` removes them all (idempotent); a ``with`` block detaches on exit."""
+    """Owns hook handles: :meth:`remove` takes them all off (idempotent; ``detach`` is the same); a ``with``
+    block removes them on exit."""
 
     _handles: List[RemovableHandle]
 
@@ -271,19 +268,21 @@ class _HookOwner:
         try:
             attach()
         except BaseException:
-            self.detach()
+            self.remove()
             raise
 
-    def detach(self) -> None:
+    def remove(self) -> None:
         """Remove the hooks (idempotent); what was collected stays readable."""
         while self._handles:
             self._handles.pop().remove()
+
+    detach = remove
 
     def __enter__(self: _Owner) -> _Owner:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.detach()
+        self.remove()
 
 
 # ------------------------------------------------------------------------------------------------

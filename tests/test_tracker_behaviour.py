@@ -395,6 +395,11 @@ def test_frozen_input_warns_once_naming_site_and_fix() -> None:
     assert torch.all(tracker.scores().head.salience == 0)
     assert tracker.scores().neuron.salience.sum() > 0
     assert tracker.scores().unobserved_sites == ("proj_in",)
+    # once its input requires grad (the layers below unfrozen), the site is scored and no longer listed
+    model(x.clone().requires_grad_()).sum().backward()
+    assert tracker.step()
+    assert tracker.scores().unobserved_sites == ()
+    assert torch.all(tracker.scores().head.salience > 0)
     tracker.detach()
 
 

@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..criteria import BlockKind
+from ..layout import BlockKind
 from ..scores import BlockScores, SalienceScores
 from ..selection import BlockLayout, select_blocks
 

@@ -134,6 +134,7 @@ class _Group:
         self.win_n = torch.zeros(len(self.mprobes), dtype=torch.float64, device=device)
         self.centre = torch.zeros(self.Lm, dtype=torch.float32, device=device)
         self.centre_set = torch.zeros(len(self.mprobes), dtype=torch.bool, device=device)  # (compiled graphs)
+        self.win_seen = torch.zeros(len(probes), dtype=torch.float32, device=device)  # gradients per probe, window
         self.msizes = torch.tensor([p.channels for p in self.mprobes], dtype=torch.long, device=device)
         self.mstarts = torch.tensor([p.moff for p in self.mprobes], dtype=torch.long, device=device)
         self.dest = (torch.cat([slot_of[p.key] for p in probes]) if probes else torch.zeros(0, dtype=torch.long)).to(
@@ -270,9 +271,10 @@ class Accumulator:
             for f, s in zip(finite[1:], seen[1:]):
                 ok = ok & f.to(self.home)
                 anyseen = anyseen | s.to(self.home)
-            for g, (sums, _, mom) in zip(self.groups, cats):
+            for g, (sums, seen_counts, mom) in zip(self.groups, cats):
                 okd = ok if g.device == self.home else ok.to(g.device)
                 g.step.add_(torch.where(okd, sums, 0.0))
+                g.win_seen.add_(torch.where(okd, seen_counts, 0.0))
                 if mom is not None:  # power sums about the same centre: they add up
                     g.win.add_(torch.where(okd, mom[1:], 0.0))
                     g.win_n.add_(torch.where(okd, mom[0].index_select(0, g.mstarts), 0.0))
@@ -306,11 +308,20 @@ class Accumulator:
                 g.centre.copy_(torch.where(m.n > 0, m.mean, g.centre.double()).float())
             g.win.zero_()
             g.win_n.zero_()
+            g.win_seen.zero_()
 
     # ------------------------------------------------------------------ views for publication / sync
 
     def window_moments(self, p: Probe) -> Moments:
         return p.group.window_moments(p)
+
+    def seen_in_window(self) -> Dict[str, bool]:
+        """``{probe key: whether a gradient reached it in the open window}`` (synchronises the device)."""
+        out: Dict[str, bool] = {}
+        for g in self.groups:
+            for p, v in zip(g.probes, g.win_seen.tolist()):
+                out[p.key] = v > 0
+        return out
 
     def step_sums(self, p: Probe) -> Tensor:
         """``[streams, C]`` view of the probe's committed step sums."""
@@ -320,7 +331,7 @@ class Accumulator:
         """Bytes of every persistent tensor (independent of batch and sequence length)."""
         ts: List[Tensor] = [self.win_blocks, self.win_steps, self.dropped, self.committed, self.step_seen]
         for g in self.groups:
-            ts += [g.step, g.win, g.win_n, g.centre, g.centre_set, g.msizes, g.mstarts, g.dest]
+            ts += [g.step, g.win, g.win_n, g.centre, g.centre_set, g.win_seen, g.msizes, g.mstarts, g.dest]
         for p in self.probes:
             for s in (p.sink_sum, p.sink_mom):
                 if s is not None:

@@ -281,10 +281,17 @@ class SalienceTracker:
             return False
         self._scores = publish_reading(  # the layout of the current shapes (parameter counts after pruning)
             self._acc, self.layout, self._pairs, self.config, n_steps, self._steps, fingerprint=self._fingerprint,
-            unobserved_sites=sorted({k.rsplit(":", 1)[0] for k in self._obs.unobserved}))
+            unobserved_sites=self._unobserved_sites())
         self._publications += 1
         self._acc.reset_window()
         return True
+
+    def _unobserved_sites(self) -> List[str]:
+        """Sites whose input never required grad and that received no gradient in this window."""
+        if not self._obs.unobserved:
+            return []
+        seen = self._acc.seen_in_window()
+        return sorted({k.rsplit(":", 1)[0] for k in self._obs.unobserved if not seen.get(k, False)})
 
     def scores(self) -> SalienceScores:
         """The latest published reading; ``TrackerStateError`` before the first one."""
