@@ -1,7 +1,7 @@
 """An independent brute-force oracle for the tracker.
 
 It captures the *full* site inputs/outputs and their gradients (``retain_grad``), keeps them
-all, and applies DESIGN.md's definitions directly in float64, with scipy for kurtosis. It
+all, and applies the definitions of docs/design.md directly in float64, with scipy for kurtosis. It
 shares no code with ``apt_salience``.
 """
 
