@@ -80,6 +80,16 @@ def _row_chunks(x: Tensor, index: Optional[Tensor], rows: int, dtype: torch.dtyp
         yield c if c.dtype == dtype else c.to(dtype)
 
 
+def _column_mean(x: Tensor, index: Optional[Tensor], rows: int, acc: torch.dtype, num: int) -> Tensor:
+    """The mean of the (selected) rows of ``x`` in ``acc``: the shift the power sums are formed about."""
+    if index is None and x.dtype == acc:
+        return x.mean(dim=0)
+    tot = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    for c in _row_chunks(x, index, rows, acc):
+        tot += c.sum(dim=0)
+    return (tot / num).to(acc)
+
+
 def _moments_and_abs_sum(
     x: Tensor,
     order: int = 4,
@@ -110,13 +120,7 @@ def _moments_and_abs_sum(
     if num == 0:
         z = torch.zeros(channels, dtype=out_dtype, device=dev)
         return Moments(n, z, z.clone(), z.clone(), z.clone()), (a64.float() if a64 is not None else None)
-    if index is None and x.dtype == acc:
-        shift = x.mean(dim=0)
-    else:
-        tot = torch.zeros(channels, dtype=torch.float64, device=dev)
-        for c in _row_chunks(x, index, rows, acc):
-            tot += c.sum(dim=0)
-        shift = (tot / num).to(acc)
+    shift = _column_mean(x, index, rows, acc, num)
     full = order != 1
     s = torch.zeros(4 if full else 1, channels, dtype=torch.float64, device=dev)
     for c in _row_chunks(x, index, rows, acc):
@@ -247,13 +251,7 @@ def _power_sums_chunked(x: Tensor, centre: Optional[Tensor], order: int, index: 
         sums = torch.stack([dc.sum(dim=0), d2.sum(dim=0), (dc * d2).sum(dim=0), d2.square_().sum(dim=0)])
         a = c.abs().sum(dim=0).float() if abs_sum else None
         return a, _recentre(n, shift, sums.to(torch.float64), centre)
-    if index is None and x.dtype == acc:
-        shift = x.mean(dim=0)
-    else:
-        tot = torch.zeros(channels, dtype=torch.float64, device=dev)
-        for c in _row_chunks(x, index, rows, acc):
-            tot += c.sum(dim=0)
-        shift = (tot / num).to(acc)
+    shift = _column_mean(x, index, rows, acc, num)
     d = torch.zeros(4, channels, dtype=torch.float64, device=dev)
     for c in _row_chunks(x, index, rows, acc):
         if a64 is not None:

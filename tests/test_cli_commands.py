@@ -197,7 +197,7 @@ def test_prune_end_to_end(bert_dir: Path, csv_file: Path, tmp_path: Path, capsys
 ])
 def test_prune_errors_are_one_line(bert_dir: Path, csv_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                    change: Tuple[str, str], needles: Tuple[str, ...]) -> None:
-    model, data = bert_dir, csv_file
+    model = bert_dir
     args = _prune_args(bert_dir, csv_file, tmp_path / "o", "--steps", "2")
     if change[0] == "model":
         model = tmp_path / change[1]

@@ -22,7 +22,6 @@ from apt_salience.moments import (
     merge_moments,
     pool_moments,
 )
-from conftest import make_offset_data
 
 HYP = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

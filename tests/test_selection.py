@@ -6,7 +6,7 @@ import math
 import random
 import time
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import pytest
 from hypothesis import given, settings

@@ -92,7 +92,6 @@ def test_broken_state_is_refused_whole_and_changes_nothing(case: str) -> None:
             assert torch.equal(after["ema"][k][f], t)
     # and it keeps working as a tracker that never saw the bad state
     _, twin = _trained(1)
-    gen = torch.Generator().manual_seed(5)
     for tr, m in ((target, model), (twin, twin.model)):
         inputs, mask = make_batch("bert", torch.Generator().manual_seed(5))
         with tr.token_mask(mask):

@@ -85,7 +85,7 @@ def test_growth_keeps_the_output_and_the_optimizer_trains_the_new_parameters() -
         changed = [n for n, p in model.named_parameters() if p.requires_grad and p is not old[n]]
         assert changed and all(".lora_" in n for n in changed)
         for n in changed:
-            p, st = dict(model.named_parameters())[n], opt.state[dict(model.named_parameters())[n]]
+            st = opt.state[dict(model.named_parameters())[n]]
             o = old_state[n]
             corner = tuple(slice(0, s) for s in o["exp_avg"].shape)
             assert torch.equal(st["exp_avg"][corner], o["exp_avg"]) and torch.equal(st["step"], o["step"])

@@ -15,7 +15,6 @@ import hashlib
 from typing import Any, List, Optional, Tuple
 
 import torch
-from torch import Tensor
 
 from ..moments import Moments, shift_moments
 from .accumulate import Accumulator

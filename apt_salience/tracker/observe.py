@@ -30,7 +30,7 @@ import math
 import sys
 import warnings
 import weakref
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor
