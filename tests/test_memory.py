@@ -117,6 +117,7 @@ def test_state_does_not_depend_on_batch_or_sequence_and_fits_64_bytes_per_channe
         sizes[(batch, seq)] = (state, everything)
         # persistent accumulator state: at most 64 bytes per tracked channel
         assert state / TRACKED_CHANNELS <= 64, (state, state / TRACKED_CHANNELS)
+        assert tracker.state_bytes() == state  # what the tracker reports is what the object graph holds
         # nothing activation-sized: even with the published reading, far below one activation of the big batch
         assert everything < batch * seq * FFN * 4 or (batch, seq) == (2, 8)
         tracker.detach()

@@ -338,7 +338,9 @@ class Accumulator:
                     ts += [s, s.grad] if s.grad is not None else [s]
         for d in self.ema.values():
             ts += list(d.values())
-        return sum(t.numel() * t.element_size() for t in ts)
+        # storage bytes, each storage once (a sink stores one element, expanded to its shape)
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts if t.numel()}
+        return sum(storages.values())
 
     # ------------------------------------------------------------------ state
 
