@@ -503,33 +503,7 @@ def select_blocks(
         >>> sel.params_kept <= sel.budget == 0.5 * sel.params_total
         True
     """
-    if not isinstance(scores, SalienceScores):
-        raise TypeError(f"scores must be an apt_salience SalienceScores, got {type(scores).__name__}")
-    if isinstance(kinds, str):
-        kinds = (kinds,)
-    kinds = tuple(kinds)
-    bad = [k for k in kinds if k not in PRUNABLE_KINDS]
-    if bad or not kinds:
-        raise ValueError(f"kinds must be a non-empty subset of {PRUNABLE_KINDS}, got {kinds!r}")
-    if isinstance(score, str):
-        if score not in _SCORE_FIELDS:
-            raise ValueError(f"score must be one of {_SCORE_FIELDS} or a dict {{kind: tensor}}, got {score!r}")
-    elif not isinstance(score, Mapping):
-        raise TypeError(f"score must be a BlockScores field name or a dict {{kind: tensor}}, got {type(score).__name__}")
-    if allocation not in ALLOCATIONS:
-        raise ValueError(f"allocation must be one of {sorted(ALLOCATIONS)}, got {allocation!r}")
-    if calibration not in CALIBRATIONS:
-        raise ValueError(f"calibration must be one of {sorted(CALIBRATIONS)}, got {calibration!r}")
-    if isinstance(min_per_site, bool) or not isinstance(min_per_site, int) or min_per_site < 0:
-        raise ValueError(f"min_per_site must be an int >= 0, got {min_per_site!r}")
-    if unobserved not in ("keep", "prune"):
-        raise ValueError(f"unobserved must be 'keep' or 'prune', got {unobserved!r}")
-    if (keep_ratio is None) == (budget is None):
-        raise ValueError("give exactly one of keep_ratio (fraction in (0, 1]) or budget (parameter count)")
-    if keep_ratio is not None:
-        if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
-            raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
-
+    kinds = _check_arguments(scores, keep_ratio, budget, kinds, score, allocation, calibration, min_per_site, unobserved)
     layout = scores.layout.restrict(PRUNABLE_KINDS)
     missing = [k for k in kinds if k not in layout.sites]
     if missing:
@@ -543,58 +517,7 @@ def select_blocks(
             raise ValueError(f"the {k} parameter counts must be positive and finite")
     alive_prev = _previous_alive(previous, layout)
 
-    # per-kind data in tie-break order
-    calib = CALIBRATIONS[calibration]
-    dens: List[Tensor] = []
-    cost: List[Tensor] = []
-    hid: List[Tensor] = []
-    grp: List[Tensor] = []
-    sid: List[Tensor] = []
-    alive: List[Tensor] = []
-    frozen: List[Tensor] = []  # blocks of unobserved sites, kept whole under unobserved="keep"
-    unobserved_sites = set(scores.unobserved_sites) if unobserved == "keep" else set()
-    held: List[str] = []
-    group_ids: Dict[Tuple[str, str], int] = {}
-    n_sites = 0
-    fixed_cost = 0.0
-    fixed_hidden = float(layout.d_model)
-    full_cost = sum(float(layout.param_count[k].sum()) for k in ("head", "neuron") if k in layout.param_count)
-    for kind in layout.kinds():
-        n = layout.num_blocks(kind)
-        pc = layout.param_count[kind]
-        a = alive_prev.get(kind, torch.ones(n, dtype=torch.bool))
-        if kind not in kinds:
-            if kind == "hidden":
-                fixed_hidden = float(a.sum())
-            else:
-                fixed_cost += float(pc[a].sum())
-            continue
-        v = calib(kind, _score_values(scores, kind, score, n), layout.sites[kind]).to(torch.float64)
-        dens.append(normalize_scores(v, pc))
-        cost.append(pc if kind != "hidden" else torch.zeros(n, dtype=torch.float64))
-        hid.append(torch.full((n,), kind == "hidden"))
-        alive.append(a)
-        g = torch.empty(n, dtype=torch.int64)
-        s = torch.empty(n, dtype=torch.int64)
-        fz = torch.zeros(n, dtype=torch.bool)
-        for name, sl in layout.by_site(kind).items():
-            key = (kind, layout.layers.get(name, name) if kind != "hidden" else "hidden")
-            g[sl] = group_ids.setdefault(key, len(group_ids))
-            s[sl] = n_sites
-            n_sites += 1
-            if kind != "hidden" and name in unobserved_sites:
-                fz[sl] = True
-                held.append(name)
-        grp.append(g)
-        sid.append(s)
-        frozen.append(fz)
-
-    prob = SelectionProblem(
-        density=torch.cat(dens), cost=torch.cat(cost), is_hidden=torch.cat(hid), group=torch.cat(grp),
-        site=torch.cat(sid), alive=torch.cat(alive), forced=torch.zeros(sum(a.numel() for a in alive), dtype=torch.bool),
-        fixed_cost=fixed_cost, fixed_hidden=fixed_hidden, d_model=layout.d_model,
-    )
-    prob.forced = _forced(prob, min_per_site, n_sites) | (torch.cat(frozen) & prob.alive)
+    prob, held = _problem(scores, layout, kinds, score, calibration, min_per_site, alive_prev, unobserved)
     if held:
         warnings.warn(
             f"apt_salience: {len(held)} site(s) were never observed by the tracker (their inputs did not require "
@@ -604,7 +527,8 @@ def select_blocks(
             SelectionWarning,
             stacklevel=2,
         )
-    params_total = full_cost  # every block kept: d_m' = d_model
+    # every block kept: d_m' = d_model
+    params_total = sum(float(layout.param_count[k].sum()) for k in ("head", "neuron") if k in layout.param_count)
     if keep_ratio is not None:
         budget = float(keep_ratio) * params_total
     assert budget is not None
@@ -645,6 +569,98 @@ def select_blocks(
         masks["head"], masks["neuron"], masks["hidden"], kept_params, budget, params_total, layout,
         cast(Tuple[PrunableKind, ...], kinds), score if isinstance(score, str) else "custom", allocation, calibration,
     )
+
+
+def _check_arguments(scores: Any, keep_ratio: Any, budget: Any, kinds: Any, score: Any, allocation: Any,
+                     calibration: Any, min_per_site: Any, unobserved: Any) -> Tuple[str, ...]:
+    """Every argument check of :func:`select_blocks`; returns ``kinds`` as a tuple."""
+    if not isinstance(scores, SalienceScores):
+        raise TypeError(f"scores must be an apt_salience SalienceScores, got {type(scores).__name__}")
+    if isinstance(kinds, str):
+        kinds = (kinds,)
+    kinds = tuple(kinds)
+    bad = [k for k in kinds if k not in PRUNABLE_KINDS]
+    if bad or not kinds:
+        raise ValueError(f"kinds must be a non-empty subset of {PRUNABLE_KINDS}, got {kinds!r}")
+    if isinstance(score, str):
+        if score not in _SCORE_FIELDS:
+            raise ValueError(f"score must be one of {_SCORE_FIELDS} or a dict {{kind: tensor}}, got {score!r}")
+    elif not isinstance(score, Mapping):
+        raise TypeError(f"score must be a BlockScores field name or a dict {{kind: tensor}}, got {type(score).__name__}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {sorted(ALLOCATIONS)}, got {allocation!r}")
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"calibration must be one of {sorted(CALIBRATIONS)}, got {calibration!r}")
+    if isinstance(min_per_site, bool) or not isinstance(min_per_site, int) or min_per_site < 0:
+        raise ValueError(f"min_per_site must be an int >= 0, got {min_per_site!r}")
+    if unobserved not in ("keep", "prune"):
+        raise ValueError(f"unobserved must be 'keep' or 'prune', got {unobserved!r}")
+    if (keep_ratio is None) == (budget is None):
+        raise ValueError("give exactly one of keep_ratio (fraction in (0, 1]) or budget (parameter count)")
+    if keep_ratio is not None:
+        if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
+            raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
+
+    return kinds
+
+
+def _problem(scores: SalienceScores, layout: BlockLayout, kinds: Tuple[str, ...], score: Union[str, Mapping[str, Tensor]],
+             calibration: str, min_per_site: int, alive_prev: Dict[str, Tensor],
+             unobserved: str) -> Tuple["SelectionProblem", List[str]]:
+    """The blocks of the selected kinds, in tie-break order, as a :class:`SelectionProblem`; and the
+    unobserved sites whose blocks are held (kept whole)."""
+    # per-kind data in tie-break order
+    calib = CALIBRATIONS[calibration]
+    dens: List[Tensor] = []
+    cost: List[Tensor] = []
+    hid: List[Tensor] = []
+    grp: List[Tensor] = []
+    sid: List[Tensor] = []
+    alive: List[Tensor] = []
+    frozen: List[Tensor] = []  # blocks of unobserved sites, kept whole under unobserved="keep"
+    unobserved_sites = set(scores.unobserved_sites) if unobserved == "keep" else set()
+    held: List[str] = []
+    group_ids: Dict[Tuple[str, str], int] = {}
+    n_sites = 0
+    fixed_cost = 0.0
+    fixed_hidden = float(layout.d_model)
+    for kind in layout.kinds():
+        n = layout.num_blocks(kind)
+        pc = layout.param_count[kind]
+        a = alive_prev.get(kind, torch.ones(n, dtype=torch.bool))
+        if kind not in kinds:
+            if kind == "hidden":
+                fixed_hidden = float(a.sum())
+            else:
+                fixed_cost += float(pc[a].sum())
+            continue
+        v = calib(kind, _score_values(scores, kind, score, n), layout.sites[kind]).to(torch.float64)
+        dens.append(normalize_scores(v, pc))
+        cost.append(pc if kind != "hidden" else torch.zeros(n, dtype=torch.float64))
+        hid.append(torch.full((n,), kind == "hidden"))
+        alive.append(a)
+        g = torch.empty(n, dtype=torch.int64)
+        s = torch.empty(n, dtype=torch.int64)
+        fz = torch.zeros(n, dtype=torch.bool)
+        for name, sl in layout.by_site(kind).items():
+            key = (kind, layout.layers.get(name, name) if kind != "hidden" else "hidden")
+            g[sl] = group_ids.setdefault(key, len(group_ids))
+            s[sl] = n_sites
+            n_sites += 1
+            if kind != "hidden" and name in unobserved_sites:
+                fz[sl] = True
+                held.append(name)
+        grp.append(g)
+        sid.append(s)
+        frozen.append(fz)
+
+    prob = SelectionProblem(
+        density=torch.cat(dens), cost=torch.cat(cost), is_hidden=torch.cat(hid), group=torch.cat(grp),
+        site=torch.cat(sid), alive=torch.cat(alive), forced=torch.zeros(sum(a.numel() for a in alive), dtype=torch.bool),
+        fixed_cost=fixed_cost, fixed_hidden=fixed_hidden, d_model=layout.d_model,
+    )
+    prob.forced = _forced(prob, min_per_site, n_sites) | (torch.cat(frozen) & prob.alive)
+    return prob, held
 
 
 def _forced(prob: SelectionProblem, min_per_site: int, n_sites: int) -> Tensor:
