@@ -186,6 +186,17 @@ def _recentre(n: Tensor, shift: Tensor, d: Tensor, centre: Tensor) -> Tensor:
     return torch.cat([nvec, s])
 
 
+def _recentre_expanded(n: Tensor, shift: Tensor, d: Tensor, centre: Tensor) -> Tensor:
+    """:func:`_recentre` written out term by term, with no constant tensor (for graphs traced under a fake
+    tensor mode, where a compiler fuses the terms anyway)."""
+    e = shift.to(torch.float64) - centre
+    n = n.expand_as(e)
+    e2 = e * e
+    return torch.stack([n, d[0] + e * n, d[1] + 2 * e * d[0] + e2 * n,
+                        d[2] + 3 * e * d[1] + 3 * e2 * d[0] + e2 * e * n,
+                        d[3] + 4 * e * d[2] + 6 * e2 * d[1] + 4 * e2 * e * d[0] + e2 * e2 * n])
+
+
 def power_sums(x: Tensor, centre: Optional[Tensor], order: int, *, index: Optional[Tensor] = None,
                keep: Optional[Tensor] = None, abs_sum: bool = False) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """``sum |x|`` and the power sums of ``x`` about ``centre``, per column of ``x`` [N, C].
@@ -267,12 +278,13 @@ def _power_sums_chunked(x: Tensor, centre: Optional[Tensor], order: int, index: 
 
 
 def _power_sums_whole(x: Tensor, centre: Optional[Tensor], order: int, index: Optional[Tensor], keep: Optional[Tensor],
-                      abs_sum: bool, centre_set: Optional[Tensor] = None
+                      abs_sum: bool, centre_set: Optional[Tensor] = None, expanded: bool = False
                       ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """The same sums as whole-tensor expressions (a compiler fuses them into one or two passes).
 
     With ``centre_set`` (a bool scalar), an unset centre is replaced by the batch's own mean
-    (rounded to float32, as it is stored); the centre used is returned third.
+    (rounded to float32, as it is stored); the centre used is returned third. ``expanded``: recentre
+    with :func:`_recentre_expanded` (no constant tensor).
     """
     acc = _acc_dtype(x)
     if index is not None:
@@ -302,7 +314,7 @@ def _power_sums_whole(x: Tensor, centre: Optional[Tensor], order: int, index: Op
         dc = torch.where(keep.unsqueeze(1), dc, 0.0)
     d2 = dc * dc
     d = torch.stack([dc.sum(0), d2.sum(0), (d2 * dc).sum(0), (d2 * d2).sum(0)]).to(torch.float64)
-    return a, _recentre(n, shift, d, c64), centre
+    return a, (_recentre_expanded if expanded else _recentre)(n, shift, d, c64), centre
 
 
 def power_sums_first_centre(x: Tensor, centre: Tensor, centre_set: Tensor, order: int, *, keep: Optional[Tensor] = None,
@@ -350,9 +362,14 @@ def prod_sum_rows(x: Tensor, g: Tensor, *, index: Optional[Tensor] = None, keep:
         if keep is not None and index is None:
             index = keep.nonzero().squeeze(1)
         return _prod_sum(x, g, index)
-    acc = torch.float64 if torch.float64 in (x.dtype, g.dtype) else torch.float32
     if index is not None:
         x, g = x.index_select(0, index), g.index_select(0, index)
+    return _prod_sum_whole(x, g, keep)
+
+
+def _prod_sum_whole(x: Tensor, g: Tensor, keep: Optional[Tensor]) -> Tensor:
+    """``sum x * g`` per column (float32) of the kept rows, as whole-tensor expressions."""
+    acc = torch.float64 if torch.float64 in (x.dtype, g.dtype) else torch.float32
     p = x.to(acc) * g.to(acc)
     if keep is not None:
         p = torch.where(keep.unsqueeze(1), p, 0.0)

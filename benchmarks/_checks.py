@@ -221,7 +221,7 @@ def compile_check(quick: bool) -> Dict[str, Any]:
                                / getattr(ref, k).outlier_aware.abs().clamp_min(1e-12)).max()) for k in ("head", "neuron", "hidden"))
             lines.append(f"`torch.compile(model, backend='{backend}', fullgraph=True)`, tiny BERT, 4 steps including "
                          f"compilation: {dt:.1f} s with the tracker, {dt0:.1f} s without (eager with the tracker: "
-                         f"{eager_s:.1f} s); scores vs eager: max relative difference {worst:.1e}.")
+                         f"{eager_s * 1000:.0f} ms); scores vs eager: max relative difference {worst:.1e}.")
         except Exception as exc:  # report, do not hide
             lines.append(f"`torch.compile(model, backend='{backend}')` with the tracker: failed: "
                          f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")

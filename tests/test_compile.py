@@ -240,3 +240,35 @@ def test_reduction_operators_pass_opcheck() -> None:
 def test_inductor_publishes_the_eager_scores() -> None:
     _, _, r_eager, r_comp = _pair("bert", 1, "inductor", {"update_frequency": 2}, steps=2)
     _same(r_eager, r_comp, rtol=2e-3)
+
+
+@pytest.mark.parametrize("decompose", [True, False])
+def test_inductor_fuses_the_reductions_unless_told_not_to(monkeypatch: pytest.MonkeyPatch, decompose: bool) -> None:
+    """Under inductor the reduction operators are decomposed into expressions that inductor fuses (its
+    generated code calls no ``apt_salience`` operator); with ``INDUCTOR_DECOMPOSE = False`` they stay opaque."""
+    from torch._inductor.utils import run_and_get_code
+
+    from apt_salience.tracker import kernels
+
+    monkeypatch.setattr(kernels, "INDUCTOR_DECOMPOSE", decompose)
+    model = make_model("bert", layers=1)
+    inputs, mask = make_batch("bert", torch.Generator().manual_seed(0))
+    tracker = apt_salience.attach(model, {"kurtosis": {"enabled": True}})
+    compiled = torch.compile(model, backend="inductor")
+
+    def step() -> None:
+        with tracker.token_mask(mask):
+            compiled(**inputs).loss.backward()
+
+    # no compiled-graph caches: they key on the captured graph, not on inductor's decomposition table
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    try:
+        with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+            _, code = run_and_get_code(step)
+    finally:
+        tracker.remove()
+    source = "\n".join(code)
+    assert source, "inductor generated no code"
+    assert ("apt_salience" in source) is (not decompose)
