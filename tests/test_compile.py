@@ -272,3 +272,37 @@ def test_inductor_fuses_the_reductions_unless_told_not_to(monkeypatch: pytest.Mo
     source = "\n".join(code)
     assert source, "inductor generated no code"
     assert ("apt_salience" in source) is (not decompose)
+
+
+_COMPILED_BEFORE = r"""
+import torch, apt_salience
+from apt_salience.tracker import kernels
+from tests._models import make_batch, make_model
+
+torch.compile(lambda t: (t * 2).sum(), backend="inductor")(torch.ones(3))  # inductor's tables are now cached
+model = make_model("bert", layers=1)
+inputs, mask = make_batch("bert", torch.Generator().manual_seed(0))
+tracker = apt_salience.attach(model)
+with tracker.token_mask(mask):
+    torch.compile(model, backend="inductor")(**inputs).loss.backward()
+tracker.step()
+from torch._inductor.decomposition import select_decomp_table
+assert torch.ops.apt_salience.forward_sums.default in select_decomp_table()
+assert float(tracker.scores().head.salience.sum()) > 0
+print("OK")
+"""
+
+
+def test_inductor_used_before_attaching_still_compiles_the_tracker(tmp_path: Any) -> None:
+    """Inductor caches a copy of its decomposition table at its first compile; the tracker's decompositions,
+    added later, must reach that copy (else inductor refuses an operator with a decomposition and a fallback)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path), PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, "-c", _COMPILED_BEFORE], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
