@@ -443,10 +443,10 @@ def _two_pass(x: torch.Tensor) -> Tuple[float, torch.Tensor, torch.Tensor, torch
     return float(x.shape[0]), mean, (d ** 2).sum(0), (d ** 3).sum(0), (d ** 4).sum(0)
 
 
-@pytest.mark.parametrize("whole", [False, True])
+@pytest.mark.parametrize("path", ["chunked", "whole", "whole-expanded"])  # expanded: the compiled graphs' recentring
 @pytest.mark.parametrize("rows", ["all", "index", "keep"])
 @pytest.mark.parametrize("n", [300, 20000])  # one cache-sized chunk, and many
-def test_power_sums_about_a_centre_recover_the_central_moments(offset_data: torch.Tensor, whole: bool, rows: str,
+def test_power_sums_about_a_centre_recover_the_central_moments(offset_data: torch.Tensor, path: str, rows: str,
                                                                 n: int) -> None:
     from apt_salience.moments import _power_sums_chunked, _power_sums_whole, central_from_power_sums
 
@@ -458,8 +458,8 @@ def test_power_sums_about_a_centre_recover_the_central_moments(offset_data: torc
     centre = (sel.double().mean(0) + 3 * sel.double().std(0)).float().double()
     kw_index = index if rows == "index" else None
     kw_keep = keep if rows == "keep" else None
-    if whole:
-        a, p, _ = _power_sums_whole(x, centre, 4, kw_index, kw_keep, True)
+    if path != "chunked":
+        a, p, _ = _power_sums_whole(x, centre, 4, kw_index, kw_keep, True, expanded=path == "whole-expanded")
     else:
         a, p = _power_sums_chunked(x, centre, 4, index if rows != "all" else None, True)
     assert p is not None and a is not None
