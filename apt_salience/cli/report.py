@@ -54,6 +54,13 @@ class ReportDependencyError(RuntimeError):
     """matplotlib is missing; the message says which command installs it."""
 
 
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    """Lay out, write and close one figure; returns its path."""
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
 def _pyplot() -> Any:
     try:
         import matplotlib
@@ -154,10 +161,7 @@ def _heatmap(plt: Any, scores: SalienceScores, field: str, path: Path) -> Path:
                 if math.isfinite(v):
                     ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=7,
                             color="white" if v < mid else "black")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _neuron_curves(plt: Any, scores: SalienceScores, path: Path) -> Path:
@@ -179,10 +183,7 @@ def _neuron_curves(plt: Any, scores: SalienceScores, path: Path) -> Path:
     ax.set_title(f"FFN neuron salience per layer, sorted (step {scores.step})", fontsize=11)
     ax.grid(True, alpha=0.3)
     ax.legend(title="layer", fontsize=8, ncol=2 if len(parts) > 8 else 1, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _hidden_plot(plt: Any, scores: SalienceScores, path: Path) -> Path:
@@ -205,10 +206,7 @@ def _hidden_plot(plt: Any, scores: SalienceScores, path: Path) -> Path:
             a.set_yscale("log")
         a.grid(True, alpha=0.3)
     fig.suptitle(f"Hidden dimensions (d_model = {v.numel()}, step {scores.step})", fontsize=12)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _budget_cut(scores: SalienceScores, keep_ratio: float) -> Optional[Any]:
@@ -259,10 +257,7 @@ def _density_plot(plt: Any, scores: SalienceScores, keep_ratio: float, sel: Any,
     ax.set_xlim(0, 1)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=9, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def density_figure(scores: SalienceScores, path: Union[str, "os.PathLike[str]"], *, selection: Any = None,
