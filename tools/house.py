@@ -24,7 +24,7 @@ import ast
 import json
 import sys
 from pathlib import Path
-from typing import Dict, Iterable, List, Set, Tuple
+from typing import Any, Dict, Iterable, List, Set, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "apt_salience"
@@ -207,7 +207,7 @@ def _cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
     return out
 
 
-def measure() -> Dict[str, object]:
+def measure() -> Dict[str, Any]:
     files = sorted((ROOT / PACKAGE).rglob("*.py"))
     modules = {module_name(f): f for f in files}
     graph: Dict[str, Set[str]] = {}
@@ -257,20 +257,18 @@ def main(argv: List[str]) -> int:
         print(json.dumps(r, indent=2))
     else:
         cycles = r["cycles"]
-        assert isinstance(cycles, list)
         print(f"import cycles: {len(cycles)}")
         for c in cycles:
             print(f"  {len(c)} modules: {', '.join(c)}")
         deferred = r["deferred_imports"]
-        assert isinstance(deferred, list)
         print(f"imports of the package inside functions (below cli/ and integrations/): {len(deferred)}")
         for d in deferred:
             print(f"  {d}")
-        print("largest modules: " + ", ".join(f"{m['file']} {m['lines']}" for m in r["largest_modules"]))  # type: ignore[index, union-attr]
+        print("largest modules: " + ", ".join(f"{m['file']} {m['lines']}" for m in r["largest_modules"]))
         print("largest functions (lines of code): "
-              + ", ".join(f"{m['function']} {m['lines_of_code']}" for m in r["largest_functions"]))  # type: ignore[index, union-attr]
-        print(f"modules over {MAX_MODULE_LINES} lines: {len(r['modules_over_limit'])}; "  # type: ignore[arg-type]
-              f"functions over {MAX_FUNCTION_LINES} lines of code: {len(r['functions_over_limit'])}")  # type: ignore[arg-type]
+              + ", ".join(f"{m['function']} {m['lines_of_code']}" for m in r["largest_functions"]))
+        print(f"modules over {MAX_MODULE_LINES} lines: {len(r['modules_over_limit'])}; "
+              f"functions over {MAX_FUNCTION_LINES} lines of code: {len(r['functions_over_limit'])}")
         print(f"names in __all__: {r['names_in_top_level_all']} at the top level, "
               f"{r['names_in_all_modules_all']} across all modules")
     if args.check:
