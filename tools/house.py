@@ -24,7 +24,7 @@ import ast
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Set, Tuple
+from typing import Any, Dict, Iterable, List, Set, Tuple, Union
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "apt_salience"
@@ -113,14 +113,13 @@ class _Walker(ast.NodeVisitor):
             self.generic_visit(node)
 
 
-def _code_lines(fn: ast.AST, source_lines: List[str]) -> int:
+def _code_lines(fn: FunctionNode, source_lines: List[str]) -> int:
     """Lines of code of a function: its span less blank lines, comment lines and its docstring."""
-    start, end = fn.lineno, fn.end_lineno or fn.lineno  # type: ignore[attr-defined]
+    start, end = fn.lineno, fn.end_lineno or fn.lineno
     skip: Set[int] = set()
-    body = getattr(fn, "body", [])
-    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
-            and isinstance(body[0].value.value, str):
-        skip.update(range(body[0].lineno, (body[0].end_lineno or body[0].lineno) + 1))
+    first = fn.body[0] if fn.body else None
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        skip.update(range(first.lineno, (first.end_lineno or first.lineno) + 1))
     n = 0
     for i in range(start, end + 1):
         text = source_lines[i - 1].strip()
@@ -130,8 +129,11 @@ def _code_lines(fn: ast.AST, source_lines: List[str]) -> int:
     return n
 
 
-def _functions(tree: ast.AST) -> Iterable[Tuple[str, ast.AST]]:
-    def walk(node: ast.AST, prefix: str) -> Iterable[Tuple[str, ast.AST]]:
+FunctionNode = Union[ast.FunctionDef, ast.AsyncFunctionDef]
+
+
+def _functions(tree: ast.AST) -> Iterable[Tuple[str, FunctionNode]]:
+    def walk(node: ast.AST, prefix: str) -> Iterable[Tuple[str, FunctionNode]]:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 name = f"{prefix}{child.name}"
